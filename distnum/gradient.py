@@ -1,0 +1,66 @@
+"""Numerical differentiation and gradient descent (chapter 4.3 and 4.4)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+
+DEFAULT_H = 1e-4
+
+
+def check_h(h: float) -> float:
+    """h as a float, or a ValueError saying why it cannot be a step size."""
+    try:
+        value = float(h)
+    except (TypeError, ValueError):
+        raise ValueError(f"h={h!r} is not a number; give a finite step > 0 such as 1e-4") from None
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"h={h!r} must be finite and > 0; give a step such as 1e-4")
+    return value
+
+
+def numerical_diff(f: Callable[[float], float], x: float, h: float = DEFAULT_H) -> float:
+    """Central difference (f(x + h) - f(x - h)) / 2h."""
+    h = check_h(h)
+    return (f(x + h) - f(x - h)) / (2 * h)
+
+
+def numerical_gradient(
+    f: Callable[[np.ndarray], float], x: np.ndarray, h: float = DEFAULT_H
+) -> np.ndarray:
+    """Central-difference gradient of f at x, an array of any shape, nudging x in place.
+
+    Each entry is restored to its exact original value after its two evaluations, so x is
+    left as it was found (f may read x through a view, as TwoLayerNet's loss does)."""
+    h = check_h(h)
+    if not np.issubdtype(x.dtype, np.floating):
+        raise ValueError(f"x has dtype {x.dtype}; give a float array such as np.array([3.0, 4.0])")
+    grad = np.zeros_like(x, dtype=np.float64)
+    flat_x = x.reshape(-1)
+    if not np.shares_memory(flat_x, x):
+        raise ValueError("numerical_gradient needs an array it can nudge in place (contiguous)")
+    flat_grad = grad.reshape(-1)
+    for i in range(flat_x.size):
+        original = flat_x[i]
+        flat_x[i] = original + h
+        loss_plus = f(x)
+        flat_x[i] = original - h
+        loss_minus = f(x)
+        flat_x[i] = original
+        flat_grad[i] = (loss_plus - loss_minus) / (2 * h)
+    return grad
+
+
+def gradient_descent(
+    f: Callable[[np.ndarray], float],
+    init_x: np.ndarray,
+    lr: float = 0.01,
+    step_num: int = 100,
+) -> np.ndarray:
+    """step_num steps of x -= lr * grad f(x) from a copy of init_x (left untouched)."""
+    x = np.array(init_x, dtype=np.float64)
+    for _ in range(step_num):
+        x -= lr * numerical_gradient(f, x)
+    return x

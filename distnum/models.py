@@ -1,0 +1,189 @@
+"""The chapter's networks: SimpleNet (4.4.2) and TwoLayerNet (4.5).
+
+TwoLayerNet keeps every parameter in ONE flat float64 vector, laid out W1, b1, W2, b2, each
+row-major; `net.params["W1"]` and the others are views into it. A "parameter index" is an
+index into that vector everywhere in distnum: engines take index sets, shards are index
+sets, the driver gathers gradient slices by index.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, MutableMapping
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+from distnum.functions import (
+    cross_entropy_error,
+    label_indices,
+    sigmoid,
+    softmax,
+    softmax_cross_entropy_per_sample,
+)
+from distnum.gradient import DEFAULT_H
+from distnum.gradient import numerical_gradient as numerical_gradient_of
+
+PARAM_NAMES = ("W1", "b1", "W2", "b2")
+
+
+class SimpleNet:
+    """The 2x3 single-layer net of 4.4.2: p = x W, loss = cross-entropy of softmax(p)."""
+
+    def __init__(self, W: np.ndarray | None = None, seed: int | None = None) -> None:
+        if W is None:
+            W = np.random.default_rng(seed).standard_normal((2, 3))
+        self.W = np.array(W, dtype=np.float64)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return np.dot(x, self.W)
+
+    def loss(self, x: np.ndarray, t: np.ndarray) -> float:
+        return cross_entropy_error(softmax(self.predict(x)), t)
+
+
+@dataclass(frozen=True)
+class ParamLayout:
+    """Where W1 (I, H), b1 (H,), W2 (H, K) and b2 (K,) sit in the flat parameter vector."""
+
+    input_size: int
+    hidden_size: int
+    output_size: int
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        i, h, k = self.input_size, self.hidden_size, self.output_size
+        return {"W1": (i, h), "b1": (h,), "W2": (h, k), "b2": (k,)}
+
+    @property
+    def slices(self) -> dict[str, slice]:
+        """The flat index range of each parameter array."""
+        out, start = {}, 0
+        for name, shape in self.shapes.items():
+            stop = start + int(np.prod(shape))
+            out[name] = slice(start, stop)
+            start = stop
+        return out
+
+    @property
+    def size(self) -> int:
+        return self.slices["b2"].stop
+
+    def views(self, flat: np.ndarray) -> dict[str, np.ndarray]:
+        """Named views (sharing memory) into a flat vector of this layout."""
+        if flat.shape != (self.size,):
+            raise ValueError(f"flat parameters have shape {flat.shape}, expected ({self.size},)")
+        return {name: flat[self.slices[name]].reshape(shape) for name, shape in self.shapes.items()}
+
+
+class ParamViews(MutableMapping):
+    """net.params: W1, b1, W2, b2 as views of the flat vector.
+
+    Assigning `params["W1"] = array` copies into the view, so the book's
+    `network.params[key] -= lr * grad[key]` updates the flat vector too."""
+
+    def __init__(self, views: dict[str, np.ndarray]) -> None:
+        self._views = views
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._views[name]
+
+    def __setitem__(self, name: str, value: np.ndarray) -> None:
+        view = self._views[name]
+        if value is not view:
+            view[...] = value
+
+    def __delitem__(self, name: str) -> None:
+        raise TypeError("TwoLayerNet's parameters cannot be deleted")
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._views)
+
+    def __len__(self) -> int:
+        return len(self._views)
+
+
+class Activations(NamedTuple):
+    """The forward pass of a batch of N: a1, z1 (N, H) and the logits a2 (N, K)."""
+
+    a1: np.ndarray
+    z1: np.ndarray
+    a2: np.ndarray
+
+
+def forward(params: dict[str, np.ndarray], x: np.ndarray) -> Activations:
+    """The network's one forward pass: a1 = x W1 + b1, z1 = sigmoid(a1), a2 = z1 W2 + b2."""
+    a1 = np.dot(x, params["W1"]) + params["b1"]
+    z1 = sigmoid(a1)
+    a2 = np.dot(z1, params["W2"]) + params["b2"]
+    return Activations(a1, z1, a2)
+
+
+def batch_loss(params: dict[str, np.ndarray], x: np.ndarray, labels: np.ndarray) -> float:
+    """Mean softmax cross-entropy of the batch x (N, I) against class indices (N,)."""
+    return float(np.mean(softmax_cross_entropy_per_sample(forward(params, x).a2, labels)))
+
+
+class TwoLayerNet:
+    """784-50-10 style network: affine, sigmoid, affine, softmax cross-entropy.
+
+    All parameters live in `flat_params` (float64, `layout.size`); `params` holds views."""
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        output_size: int,
+        weight_init_std: float = 0.01,
+        seed: int | None = None,
+    ) -> None:
+        self.layout = ParamLayout(input_size, hidden_size, output_size)
+        self.flat_params = np.zeros(self.layout.size, dtype=np.float64)
+        self.params = ParamViews(self.layout.views(self.flat_params))
+        rng = np.random.default_rng(seed)
+        self.params["W1"] = weight_init_std * rng.standard_normal((input_size, hidden_size))
+        self.params["W2"] = weight_init_std * rng.standard_normal((hidden_size, output_size))
+
+    def labels(self, t: np.ndarray) -> np.ndarray:
+        """Class indices (N,) from labels given as indices or one-hot rows."""
+        return label_indices(t, self.layout.output_size)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Softmax probabilities (N, K) of a batch x (N, I)."""
+        return softmax(forward(self.params, x).a2)
+
+    def loss(self, x: np.ndarray, t: np.ndarray) -> float:
+        """Mean softmax cross-entropy, computed stably from the logits (log-sum-exp)."""
+        return batch_loss(self.params, x, self.labels(t))
+
+    def accuracy(self, x: np.ndarray, t: np.ndarray) -> float:
+        predicted = np.argmax(forward(self.params, x).a2, axis=1)
+        return float(np.mean(predicted == self.labels(t)))
+
+    def numerical_gradient(
+        self, x: np.ndarray, t: np.ndarray, h: float = DEFAULT_H
+    ) -> dict[str, np.ndarray]:
+        """Central-difference gradient of the loss: one full forward pass per nudge."""
+        labels = self.labels(t)
+        flat_grad = numerical_gradient_of(
+            lambda _: batch_loss(self.params, x, labels), self.flat_params, h
+        )
+        return self.layout.views(flat_grad)
+
+    def gradient(self, x: np.ndarray, t: np.ndarray) -> dict[str, np.ndarray]:
+        """Analytic backprop gradient, the reference the numerical gradients are checked
+        against. Returns arrays shaped like the params."""
+        W2 = self.params["W2"]
+        labels = self.labels(t)
+        a1, z1, a2 = forward(self.params, x)
+        batch_size = x.shape[0]
+        dy = softmax(a2)
+        dy[np.arange(batch_size), labels] -= 1.0
+        dy /= batch_size
+        da1 = np.dot(dy, W2.T) * z1 * (1.0 - z1)
+        return {
+            "W1": np.dot(x.T, da1),
+            "b1": np.sum(da1, axis=0),
+            "W2": np.dot(z1.T, dy),
+            "b2": np.sum(dy, axis=0),
+        }

@@ -1,0 +1,234 @@
+"""load_mnist: the real set, the download path against a real local HTTP server, bad files."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import http.server
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from idx_files import fake_split, idx_bytes, write_fake_mnist
+
+from distnum.data import DATASETS, DataError, Dataset, download, load_mnist, locate
+
+TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path, monkeypatch):
+    """Every test gets its own empty cache and no DISTNUM_DATA, so none reads the user's."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("DISTNUM_DATA", raising=False)
+    return tmp_path / "cache" / "distnum" / "mnist"
+
+
+# --- the real data set -------------------------------------------------------------------
+
+
+def test_real_mnist_shapes_values_and_label_counts(mnist_dir):
+    (x_train, t_train), (x_test, t_test) = load_mnist(data_dir=mnist_dir)
+    assert x_train.shape == (60000, 784) and x_test.shape == (10000, 784)
+    assert x_train.dtype == np.float64
+    assert x_train.min() == 0.0 and x_train.max() == 1.0
+    assert x_train.mean() == pytest.approx(0.1307, abs=1e-4)
+    assert np.bincount(t_train).tolist() == TRAIN_COUNTS
+    assert np.bincount(t_test).tolist() == TEST_COUNTS
+
+
+def test_real_mnist_one_hot_unnormalized_unflattened(mnist_dir, monkeypatch):
+    monkeypatch.setenv("DISTNUM_DATA", str(mnist_dir))
+    (x_train, t_train), (_, t_test) = load_mnist(normalize=False, flatten=False, one_hot_label=True)
+    assert x_train.shape == (60000, 1, 28, 28) and x_train.max() == 255.0
+    assert t_train.shape == (60000, 10) and t_test.shape == (10000, 10)
+    assert np.array_equal(t_train.sum(axis=1), np.ones(60000))
+    assert t_train.sum(axis=0).tolist() == TRAIN_COUNTS
+
+
+# --- where the files come from -----------------------------------------------------------
+
+
+def test_uncompressed_and_gzip_read_the_same(tmp_path):
+    write_fake_mnist(tmp_path / "gz", compress=True)
+    write_fake_mnist(tmp_path / "raw", compress=False)
+    (a, ta), (b, tb) = load_mnist(data_dir=tmp_path / "gz")
+    (c, tc), (d, td) = load_mnist(data_dir=tmp_path / "raw")
+    images, labels = fake_split(60, 1)
+    assert np.array_equal(a, c) and np.array_equal(b, d) and np.array_equal(ta, tc)
+    assert np.array_equal(a, images.reshape(60, 784) / 255.0)
+    assert np.array_equal(ta, labels)
+
+
+def test_order_data_dir_then_env_then_cache(tmp_path, monkeypatch, isolated_cache):
+    for name in ("arg", "env"):
+        write_fake_mnist(tmp_path / name)
+    write_fake_mnist(isolated_cache)
+    monkeypatch.setenv("DISTNUM_DATA", str(tmp_path / "env"))
+    assert locate(data_dir=tmp_path / "arg") == tmp_path / "arg"
+    assert locate() == tmp_path / "env"
+    monkeypatch.delenv("DISTNUM_DATA")
+    assert locate() == isolated_cache
+
+
+def test_named_directory_without_files_is_a_clear_error(tmp_path, monkeypatch):
+    with pytest.raises(DataError, match=r"--data-dir .* has no train-images-idx3-ubyte"):
+        load_mnist(data_dir=tmp_path)
+    monkeypatch.setenv("DISTNUM_DATA", str(tmp_path / "nowhere"))
+    with pytest.raises(DataError, match="DISTNUM_DATA .* is not a directory"):
+        load_mnist()
+
+
+def test_unknown_dataset():
+    with pytest.raises(DataError, match="unknown dataset 'cifar'; choose one of mnist"):
+        load_mnist(dataset="cifar")
+
+
+# --- download, for real, from a server on 127.0.0.1 -------------------------------------
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    files: dict[str, bytes] = {}
+    truncate: set[str] = set()
+
+    def do_GET(self):  # noqa: N802 (the http.server API)
+        folder, _, name = self.path.rpartition("/")
+        if folder != "/mnist" or name not in self.files:
+            self.send_error(404, "Not Found")
+            return
+        data = self.files[name]
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data[: len(data) // 2] if name in self.truncate else data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server(tmp_path):
+    """A real HTTP server on 127.0.0.1 serving small generated MNIST .gz files."""
+    files = write_fake_mnist(tmp_path / "served")
+    handler = type("Served", (Handler,), {"files": dict(files), "truncate": set()})
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    md5 = {name: hashlib.md5(data).hexdigest() for name, data in files.items()}
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/mnist/", handler, md5
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_download_lands_in_cache_and_loads(server, isolated_cache):
+    url, handler, md5 = server
+    download(Dataset("mnist", mirrors=(url,), md5=md5), isolated_cache)
+    assert sorted(p.name for p in isolated_cache.iterdir()) == sorted(md5)
+    for name, data in handler.files.items():
+        assert (isolated_cache / name).read_bytes() == data
+    (x_train, _), (x_test, _) = load_mnist()  # found in the cache now, no download
+    assert x_train.shape == (60, 784) and x_test.shape == (20, 784)
+
+
+def test_falls_back_to_the_next_mirror(server, isolated_cache):
+    url, _, md5 = server
+    dead_mirror = url.replace("/mnist/", "/gone/")  # 404s on every file
+    download(Dataset("mnist", mirrors=(dead_mirror, url), md5=md5), isolated_cache)
+    assert sorted(p.name for p in isolated_cache.iterdir()) == sorted(md5)
+
+
+def assert_cache_empty(cache: Path):
+    assert not cache.exists() or list(cache.iterdir()) == []
+
+
+def test_wrong_checksum_leaves_nothing(server, isolated_cache):
+    url, _, md5 = server
+    wrong = {name: "0" * 32 for name in md5}
+    with pytest.raises(DataError, match="wrong checksum"):
+        download(Dataset("mnist", mirrors=(url,), md5=wrong), isolated_cache)
+    assert_cache_empty(isolated_cache)
+
+
+def test_truncated_transfer_leaves_nothing(server, isolated_cache):
+    url, handler, md5 = server
+    handler.truncate.update(handler.files)
+    with pytest.raises(DataError, match="truncated transfer"):
+        download(Dataset("mnist", mirrors=(url,), md5=md5), isolated_cache)
+    assert_cache_empty(isolated_cache)
+
+
+def test_404_leaves_nothing(server, isolated_cache):
+    url, _, md5 = server
+    with pytest.raises(DataError, match="HTTP 404"):
+        download(Dataset("mnist", mirrors=(url + "nothing-here/",), md5=md5), isolated_cache)
+    assert_cache_empty(isolated_cache)
+
+
+def test_offline_message_names_places_and_fix(isolated_cache, monkeypatch):
+    closed = Dataset("mnist", mirrors=("http://127.0.0.1:9/",), md5={"x.gz": "0" * 32})
+    monkeypatch.setitem(DATASETS, "mnist", closed)
+    with pytest.raises(DataError) as failure:
+        load_mnist()
+    message = str(failure.value)
+    assert "\n" not in message
+    for part in ("DISTNUM_DATA", str(isolated_cache), "cannot connect", "--data-dir"):
+        assert part in message
+    assert_cache_empty(isolated_cache)
+
+
+# --- bad files ---------------------------------------------------------------------------
+
+
+def damage(directory: Path, name: str, transform) -> Path:
+    path = directory / name
+    path.write_bytes(transform(path.read_bytes()))
+    return path
+
+
+def gz(transform):
+    return lambda data: gzip.compress(transform(gzip.decompress(data)), mtime=0)
+
+
+@pytest.mark.parametrize(
+    "name, transform, problem",
+    [
+        (
+            "train-images-idx3-ubyte.gz",
+            gz(lambda d: (2049).to_bytes(4, "big") + d[4:]),
+            "wrong magic number 2049 \\(expected 2051",
+        ),
+        (
+            "train-labels-idx1-ubyte.gz",
+            gz(lambda d: (2051).to_bytes(4, "big") + d[4:]),
+            "wrong magic number 2051 \\(expected 2049",
+        ),
+        ("t10k-images-idx3-ubyte.gz", gz(lambda d: d[:-100]), "truncated \\("),
+        ("t10k-images-idx3-ubyte.gz", gz(lambda d: d[:10]), "shorter than the IDX header"),
+        ("t10k-images-idx3-ubyte.gz", lambda d: d[: len(d) // 2], "truncated or corrupt gzip"),
+        ("train-images-idx3-ubyte.gz", gzip.decompress, "not a gzip file"),
+        ("t10k-labels-idx1-ubyte.gz", gz(lambda d: d[:8] + b"\x0c" + d[9:]), "label 12"),
+        (
+            "t10k-images-idx3-ubyte.gz",
+            gz(lambda d: d[:8] + (27).to_bytes(4, "big") + d[12:]),
+            "images of 27x28",
+        ),
+    ],
+)
+def test_bad_file_gives_clear_error(tmp_path, name, transform, problem):
+    path = damage(tmp_path, name, transform) if write_fake_mnist(tmp_path) else None
+    with pytest.raises(DataError, match=problem) as failure:
+        load_mnist(data_dir=tmp_path)
+    message = str(failure.value)
+    assert message.startswith(str(path)) and "replace" in message and "\n" not in message
+
+
+def test_image_and_label_counts_differ(tmp_path):
+    write_fake_mnist(tmp_path)
+    _, labels = fake_split(19, 3)
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(
+        gzip.compress(idx_bytes(labels, 2049), mtime=0)
+    )
+    with pytest.raises(DataError, match="holds 20 images but .* holds 19 labels"):
+        load_mnist(data_dir=tmp_path)
