@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 
@@ -27,30 +27,38 @@ def numerical_diff(f: Callable[[float], float], x: float, h: float = DEFAULT_H) 
     return (f(x + h) - f(x - h)) / (2 * h)
 
 
-def numerical_gradient(
-    f: Callable[[np.ndarray], float], x: np.ndarray, h: float = DEFAULT_H
+def central_differences(
+    f: Callable[[np.ndarray], float], x: np.ndarray, indices: Iterable[int], h: float = DEFAULT_H
 ) -> np.ndarray:
-    """Central-difference gradient of f at x, an array of any shape, nudging x in place.
+    """(f(x + h e_k) - f(x - h e_k)) / 2h for each flat index k of x, in the order given.
 
-    Each entry is restored to its exact original value after its two evaluations, so x is
-    left as it was found (f may read x through a view, as TwoLayerNet's loss does)."""
+    x is nudged in place, one entry at a time, and each entry is restored to its exact
+    original value after its two evaluations, so x is left as it was found (f may read x
+    through a view, as TwoLayerNet's loss does)."""
     h = check_h(h)
     if not np.issubdtype(x.dtype, np.floating):
         raise ValueError(f"x has dtype {x.dtype}; give a float array such as np.array([3.0, 4.0])")
-    grad = np.zeros_like(x, dtype=np.float64)
     flat_x = x.reshape(-1)
     if not np.shares_memory(flat_x, x):
-        raise ValueError("numerical_gradient needs an array it can nudge in place (contiguous)")
-    flat_grad = grad.reshape(-1)
-    for i in range(flat_x.size):
-        original = flat_x[i]
-        flat_x[i] = original + h
+        raise ValueError("x must be contiguous, so that it can be nudged in place")
+    indices = np.asarray(list(indices) if not isinstance(indices, np.ndarray) else indices)
+    grad = np.empty(indices.size, dtype=np.float64)
+    for position, k in enumerate(indices):
+        original = flat_x[k]
+        flat_x[k] = original + h
         loss_plus = f(x)
-        flat_x[i] = original - h
+        flat_x[k] = original - h
         loss_minus = f(x)
-        flat_x[i] = original
-        flat_grad[i] = (loss_plus - loss_minus) / (2 * h)
+        flat_x[k] = original
+        grad[position] = (loss_plus - loss_minus) / (2 * h)
     return grad
+
+
+def numerical_gradient(
+    f: Callable[[np.ndarray], float], x: np.ndarray, h: float = DEFAULT_H
+) -> np.ndarray:
+    """Central-difference gradient of f at x, an array of any shape (the book's 4.4)."""
+    return central_differences(f, x, np.arange(x.size), h).reshape(x.shape)
 
 
 def gradient_descent(

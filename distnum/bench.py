@@ -1,0 +1,94 @@
+"""distnum bench: seconds per full gradient for the full engine, the fast engine and backprop,
+on one real batch and one set of weights, and the fast engine's peak memory."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import multiprocessing
+import resource
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from distnum.engines import FastEngine, FullEngine
+from distnum.models import TwoLayerNet
+
+
+def median_seconds(call: Callable[[], object], repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - started)
+    return float(np.median(times))
+
+
+def fast_gradient_peak_rss_mb(
+    x: np.ndarray, labels: np.ndarray, hidden: int, seed: int, h: float
+) -> float:
+    """Peak resident memory (MB) of a fresh process that computes fast gradients of x:
+    the interpreter, numpy and numba included, so an upper bound on the engine's own."""
+    net = TwoLayerNet(x.shape[1], hidden, 10, seed=seed)
+    engine = FastEngine(net.layout, np.arange(net.layout.size))
+    for _ in range(3):
+        engine(net.flat_params, x, labels, h)
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent through exec
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def bench_engines(
+    x: np.ndarray, labels: np.ndarray, hidden: int, seed: int, h: float,
+    full_sample: int, repeat: int,
+) -> dict[str, float]:  # fmt: skip
+    """One row of the table: full (extrapolated from full_sample timed coordinates), fast
+    and backprop seconds per gradient of the batch, on the same weights."""
+    net = TwoLayerNet(x.shape[1], hidden, 10, seed=seed)
+    size = net.layout.size
+    fast = FastEngine(net.layout, np.arange(size))
+    fast(net.flat_params, x, labels, h)  # compiles the kernels, or loads them from the cache
+    fast_s = median_seconds(lambda: fast(net.flat_params, x, labels, h), repeat)
+    backprop_s = median_seconds(lambda: net.gradient(x, labels), max(repeat, 50))
+    sample = np.random.default_rng(seed).choice(size, size=min(full_sample, size), replace=False)
+    full = FullEngine(net.layout, sample)
+    full_sample_s = median_seconds(lambda: full(net.flat_params, x, labels, h), 1)
+    full_s = full_sample_s / sample.size * size
+    with concurrent.futures.ProcessPoolExecutor(
+        1, mp_context=multiprocessing.get_context("spawn")
+    ) as child:
+        peak_mb = child.submit(fast_gradient_peak_rss_mb, x, labels, hidden, seed, h).result()
+    return {
+        "hidden": hidden,
+        "params": size,
+        "batch_size": x.shape[0],
+        "full_s": full_s,
+        "full_timed_coordinates": int(sample.size),
+        "fast_s": fast_s,
+        "backprop_s": backprop_s,
+        "full_over_fast": full_s / fast_s,
+        "fast_over_backprop": fast_s / backprop_s,
+        "fast_peak_rss_mb": peak_mb,
+    }
+
+
+def format_engine_rows(rows: list[dict[str, float]]) -> str:
+    lines = [
+        f"{'hidden':>6} {'params':>8} {'full s/grad':>12} {'fast s/grad':>12} "
+        f"{'backprop s':>11} {'full/fast':>10} {'fast/backprop':>14} {'fast peak MB':>13}"
+    ]
+    for r in rows:
+        lines.append(
+            f"{r['hidden']:>6} {r['params']:>8} {r['full_s']:>11.2f}* {r['fast_s']:>12.4f} "
+            f"{r['backprop_s']:>11.5f} {r['full_over_fast']:>10.0f} "
+            f"{r['fast_over_backprop']:>14.1f} {r['fast_peak_rss_mb']:>13.0f}"
+        )
+    lines.append(
+        f"* full: extrapolated from {rows[0]['full_timed_coordinates']} timed coordinates; "
+        "fast and backprop: median of whole gradients. Peak MB: a fresh process computing "
+        "fast gradients, interpreter included."
+    )
+    return "\n".join(lines)

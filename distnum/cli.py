@@ -1,0 +1,168 @@
+"""The distnum command: distnum gradcheck | bench (| train | plot)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+from distnum.data import DataError, load_mnist
+from distnum.gradient import DEFAULT_H, check_h
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def step_size(text: str) -> float:
+    try:
+        return check_h(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def add_batch_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data-dir",
+        help="folder with the MNIST IDX files (default: "
+        "DISTNUM_DATA, then the cache, then a download)",
+    )
+    parser.add_argument("--batch-size", type=positive_int, default=100)
+    parser.add_argument("--hidden", type=positive_int, default=50, help="hidden units")
+    parser.add_argument("--seed", type=int, default=0, help="weights and batch")
+    parser.add_argument("--h", type=step_size, default=DEFAULT_H, help="the nudge (1e-4)")
+    parser.add_argument(
+        "--train-steps",
+        type=int,
+        default=0,
+        help="backprop SGD steps before measuring, for trained weights",
+    )
+
+
+def real_batch(args: argparse.Namespace):
+    """x (B, 784), labels (B,) drawn from the training set, and the training set."""
+    (x_train, t_train), _ = load_mnist(data_dir=args.data_dir)
+    if args.batch_size > len(x_train):
+        raise DataError(
+            f"--batch-size {args.batch_size} is larger than the training set "
+            f"({len(x_train)}); choose a smaller one"
+        )
+    rng = np.random.default_rng(args.seed)
+    mask = rng.choice(len(x_train), args.batch_size)
+    return x_train[mask], t_train[mask], x_train, t_train
+
+
+def run_gradcheck(args: argparse.Namespace) -> int:
+    from distnum.gradcheck import compare, train_with_backprop
+    from distnum.models import TwoLayerNet
+
+    x, labels, x_train, t_train = real_batch(args)
+    rng = np.random.default_rng(args.seed)
+    net = TwoLayerNet(x.shape[1], args.hidden, 10, seed=args.seed)
+    train_with_backprop(net, x_train, t_train, args.train_steps, rng)
+    report = compare(net, x, labels, args.h, args.full_sample, rng)
+    print(
+        f"gradcheck: a batch of {len(x)} MNIST images, 784-{args.hidden}-10, h {args.h:g}, "
+        f"weights after {args.train_steps} backprop steps (seed {args.seed})"
+    )
+    print(
+        f"{'array':<6}{'full checked':>13}{'max |fast-full|':>17}"
+        f"{'fast vs backprop':>18}{'full vs backprop':>18}   (relative: max|a-b|/max|b|)"
+    )
+    failed = False
+    for name, r in report.items():
+        bad = (
+            r["fast_vs_full_abs"] > args.abs_tol
+            or max(r["fast_vs_backprop_rel"], r["full_vs_backprop_rel"]) > args.rel_tol
+        )
+        failed |= bad
+        print(
+            f"{name:<6}{r['checked_full']:>13}{r['fast_vs_full_abs']:>17.2e}"
+            f"{r['fast_vs_backprop_rel']:>18.2e}{r['full_vs_backprop_rel']:>18.2e}"
+            f"{'   OVER TOLERANCE' if bad else ''}"
+        )
+    verdict = "FAILED" if failed else "ok"
+    print(
+        f"tolerances: |fast-full| <= {args.abs_tol:g}, vs backprop <= {args.rel_tol:g}: {verdict}"
+    )
+    return 1 if failed else 0
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from distnum.bench import bench_engines, format_engine_rows
+
+    x, labels, _, _ = real_batch(args)
+    rows = [
+        bench_engines(x, labels, hidden, args.seed, args.h, args.full_sample, args.repeat)
+        for hidden in (args.hidden_sizes or [args.hidden])
+    ]
+    if args.json:
+        print(json.dumps({"engines": rows}, indent=2))
+    else:
+        print(
+            f"bench: a batch of {len(x)} MNIST images, h {args.h:g}, seed {args.seed}, "
+            f"{os.cpu_count()} CPUs, one process"
+        )
+        print(format_engine_rows(rows))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="distnum",
+        description="Exact central-difference gradients for the chapter-4 network.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    gradcheck = commands.add_parser("gradcheck", help="fast vs full engine vs backprop")
+    add_batch_options(gradcheck)
+    gradcheck.add_argument(
+        "--full-sample",
+        type=positive_int,
+        default=2000,
+        help="W1 coordinates the full engine checks (all of b1, W2, b2)",
+    )
+    gradcheck.add_argument("--abs-tol", type=float, default=1e-9)
+    gradcheck.add_argument("--rel-tol", type=float, default=1e-6)
+    gradcheck.set_defaults(run=run_gradcheck)
+
+    bench = commands.add_parser("bench", help="seconds per gradient: full, fast, backprop")
+    add_batch_options(bench)
+    bench.add_argument(
+        "--hidden-sizes",
+        type=positive_int,
+        nargs="+",
+        metavar="H",
+        help="several hidden sizes, e.g. 50 100 200",
+    )
+    bench.add_argument(
+        "--full-sample",
+        type=positive_int,
+        default=400,
+        help="coordinates the full engine is timed on",
+    )
+    bench.add_argument("--repeat", type=positive_int, default=20)
+    bench.add_argument("--json", action="store_true", help="machine-readable output")
+    bench.set_defaults(run=run_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except DataError as error:
+        print(f"distnum: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("distnum: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,39 @@
+"""Engines: the central differences g_k = (L(theta + h e_k) - L(theta - h e_k)) / 2h of
+TwoLayerNet's mean loss over a set of flat parameter indices (a shard), as that shard's slice.
+
+    full.py          the literal algorithm: one complete forward pass per nudge
+    fast.py          the same numbers, each nudged loss evaluated reusing what the nudge
+                     leaves alone; its kernels:
+      first_layer.py   the nudges of W1 and b1
+      second_layer.py  the nudges of W2 and b2
+      vecmath.py       exp and log that vectorise inside those kernels
+
+An engine is built once per shard (an actor keeps it) and called once per step.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+from distnum.engines.fast import FastEngine
+from distnum.engines.full import FullEngine
+from distnum.models import ParamLayout
+
+ENGINES = {"fast": FastEngine, "full": FullEngine}
+
+
+class Engine(Protocol):
+    def __call__(
+        self, flat: np.ndarray, x: np.ndarray, labels: np.ndarray, h: float
+    ) -> np.ndarray: ...
+
+
+def make_engine(name: str, layout: ParamLayout, indices: np.ndarray) -> Engine:
+    """The engine `name` ("fast" or "full") for the flat parameter indices of a shard."""
+    try:
+        engine = ENGINES[name]
+    except KeyError:
+        raise ValueError(f"unknown engine {name!r}; choose one of {', '.join(ENGINES)}") from None
+    return engine(layout, indices)

@@ -1,0 +1,141 @@
+"""Nudges of W1 and b1: what one nudge changes is one hidden unit, for some samples.
+
+Nudging W1[i, j] by s moves a1[n, j] by s * x[n, i], so only samples with x[n, i] != 0 see
+it; for each of them only z1[n, j] changes, by some d, and the logits move by d * W2[j, :].
+b1[j] is the same with an input of 1 for every sample.
+
+What sample n's nudged network computes depends on the pixel only through its value
+x[n, i]: two pixels of one image with the same value (many are 1.0) give the very same
+nudged network on that sample. So the work is organised by "sample values", the distinct
+(sample, value) pairs of the batch, 1.0 included for the bias: for each hidden unit and
+sign the kernel really evaluates each needed one's nudged loss
+    l_n = log(sum_k exp(a2'[n, k] - max_n)) - (a2'[n, t_n] - max_n),
+once, and every parameter it belongs to adds l_n(+h) - l_n(-h) in sample order: the same
+sums, in the same order, whatever else a shard holds.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numba
+import numpy as np
+
+from distnum.engines.vecmath import JIT, exp, log
+
+
+class InputEntries(NamedTuple):
+    """The batch x (B, I) as entries (pixel i, sample n) with x[n, i] != 0, sorted by pixel
+    then sample, followed by one bias entry per sample (pixel I, value 1).
+
+    pixel_start (I + 2,): the entries of pixel i are pixel_start[i]:pixel_start[i + 1].
+    value_id (E,): each entry's sample value, an index into value_sample and value (V,)."""
+
+    pixel_start: np.ndarray
+    value_id: np.ndarray
+    value_sample: np.ndarray
+    value: np.ndarray
+
+
+def input_entries(x: np.ndarray) -> InputEntries:
+    batch_size, input_size = x.shape
+    pixel, sample = np.nonzero(x.T)
+    sample = np.concatenate([sample, np.arange(batch_size)])
+    value = np.concatenate([x.T[pixel, sample[: pixel.size]], np.ones(batch_size)])
+    order = np.lexsort((value, sample))
+    sorted_sample, sorted_value = sample[order], value[order]
+    starts = np.ones(order.size, dtype=bool)
+    starts[1:] = (np.diff(sorted_sample) != 0) | (np.diff(sorted_value) != 0)
+    value_id = np.empty(order.size, dtype=np.int64)
+    value_id[order] = np.cumsum(starts) - 1
+    pixel_start = np.zeros(input_size + 2, dtype=np.int64)
+    np.cumsum(np.bincount(pixel, minlength=input_size), out=pixel_start[1 : input_size + 1])
+    pixel_start[input_size + 1] = pixel_start[input_size] + batch_size
+    return InputEntries(pixel_start, value_id, sorted_sample[starts], sorted_value[starts])
+
+
+@numba.njit(**JIT)
+def loss_differences(
+    unit_start, req_pixel, req_slot, pixel_start, value_id, value_sample, value,
+    a1, z1, shifted_logits, labels, W2, h, out,
+):  # fmt: skip
+    """out[slot] = sum over the entries of (pixel, unit) of l_n(+h) - l_n(-h).
+
+    The requests (pixel, slot) for hidden unit j are req_*[unit_start[j]:unit_start[j+1]];
+    a1, z1 (B, H) and shifted_logits (B, K) = a2 - max are the unperturbed forward pass,
+    W2 (H, K), labels (B,)."""
+    num_classes = shifted_logits.shape[1]
+    num_values = value.size
+    # what every unit reuses, laid out by sample value so that the loops below are contiguous
+    logits = np.empty((num_classes, num_values))
+    target = np.empty(num_values)
+    for v in range(num_values):
+        n = value_sample[v]
+        target[v] = shifted_logits[n, labels[n]]
+        for k in range(num_classes):
+            logits[k, v] = shifted_logits[n, k]
+    needed = np.zeros(num_values, dtype=np.bool_)
+    chosen = np.empty(num_values, dtype=np.int64)
+    logits_buf = np.empty((num_classes, num_values))
+    target_buf = np.empty(num_values)
+    a_base = np.empty(num_values)
+    z_base = np.empty(num_values)
+    step_per_h = np.empty(num_values)
+    w_target = np.empty(num_values)
+    d = np.empty(num_values)
+    total = np.empty(num_values)
+    loss = np.empty(num_values)
+    loss_plus = np.empty(num_values)
+    difference = np.empty(num_values)
+    for j in range(unit_start.size - 1):
+        first, stop = unit_start[j], unit_start[j + 1]
+        if first == stop:
+            continue
+        # the sample values this unit's requested parameters need, each once
+        for r in range(first, stop):
+            for e in range(pixel_start[req_pixel[r]], pixel_start[req_pixel[r] + 1]):
+                needed[value_id[e]] = True
+        count = 0
+        for v in range(num_values):
+            if needed[v]:
+                needed[v] = False
+                chosen[count] = v
+                count += 1
+        if count == num_values:
+            unit_logits, unit_target = logits[:, :count], target[:count]
+        else:
+            for k in range(num_classes):
+                for q in range(count):
+                    logits_buf[k, q] = logits[k, chosen[q]]
+            for q in range(count):
+                target_buf[q] = target[chosen[q]]
+            unit_logits, unit_target = logits_buf[:, :count], target_buf[:count]
+        w = W2[j]
+        for q in range(count):
+            n = value_sample[chosen[q]]
+            a_base[q] = a1[n, j]
+            z_base[q] = z1[n, j]
+            step_per_h[q] = value[chosen[q]]
+            w_target[q] = w[labels[n]]
+        for sign in (1.0, -1.0):
+            step = sign * h
+            for q in range(count):
+                z = 1.0 / (1.0 + exp(-(a_base[q] + step * step_per_h[q])))
+                d[q] = z - z_base[q]
+                total[q] = 0.0
+            for k in range(num_classes):
+                wk = w[k]
+                row = unit_logits[k]
+                for q in range(count):
+                    total[q] += exp(row[q] + d[q] * wk)
+            for q in range(count):
+                loss[q] = log(total[q]) - (unit_target[q] + d[q] * w_target[q])
+            if sign > 0:
+                loss_plus[:count] = loss[:count]
+        for q in range(count):
+            difference[chosen[q]] = loss_plus[q] - loss[q]
+        for r in range(first, stop):  # in sample order within each parameter
+            acc = 0.0
+            for e in range(pixel_start[req_pixel[r]], pixel_start[req_pixel[r] + 1]):
+                acc += difference[value_id[e]]
+            out[req_slot[r]] = acc

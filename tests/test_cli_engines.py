@@ -1,0 +1,66 @@
+"""distnum gradcheck and distnum bench, run as a user runs them."""
+
+import json
+import subprocess
+import sys
+
+
+def distnum(*args, timeout=300):
+    return subprocess.run(
+        [sys.executable, "-m", "distnum", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_gradcheck_passes_and_prints_each_array(mnist_dir):
+    run = distnum("gradcheck", "--data-dir", str(mnist_dir), "--full-sample", "300")
+    assert run.returncode == 0, run.stderr
+    for name in ("W1", "b1", "W2", "b2"):
+        assert f"\n{name} " in run.stdout
+    assert run.stdout.rstrip().endswith("ok")
+
+
+def test_gradcheck_fails_over_tolerance(mnist_dir):
+    """A tolerance below the O(h^2) truncation error must be reported and fail."""
+    run = distnum(
+        "gradcheck", "--data-dir", str(mnist_dir), "--full-sample", "100", "--rel-tol", "1e-13"
+    )
+    assert run.returncode == 1
+    assert "OVER TOLERANCE" in run.stdout and "FAILED" in run.stdout
+
+
+def test_bench_json_reports_all_three_in_one_run(mnist_dir):
+    run = distnum(
+        "bench",
+        "--data-dir",
+        str(mnist_dir),
+        "--full-sample",
+        "50",
+        "--repeat",
+        "3",
+        "--hidden-sizes",
+        "20",
+        "50",
+        "--json",
+    )
+    assert run.returncode == 0, run.stderr
+    rows = json.loads(run.stdout)["engines"]
+    assert [r["hidden"] for r in rows] == [20, 50]
+    for r in rows:
+        assert r["full_s"] > r["fast_s"] > 0 and r["backprop_s"] > 0
+        assert r["full_over_fast"] == r["full_s"] / r["fast_s"]
+        assert r["full_timed_coordinates"] == 50 and 0 < r["fast_peak_rss_mb"] < 10_000
+
+
+def test_bench_table_labels_the_extrapolation(mnist_dir):
+    run = distnum("bench", "--data-dir", str(mnist_dir), "--full-sample", "30", "--repeat", "2")
+    assert run.returncode == 0, run.stderr
+    assert "extrapolated from 30 timed coordinates" in run.stdout
+    assert "full/fast" in run.stdout and "fast/backprop" in run.stdout
+
+
+def test_bad_h_and_missing_data_are_one_line_errors(tmp_path):
+    run = distnum("gradcheck", "--h", "0")
+    assert run.returncode == 2 and "must be finite and > 0" in run.stderr
+    run = distnum("bench", "--data-dir", str(tmp_path))
+    assert run.returncode == 2
+    assert run.stderr.strip().count("\n") == 0 and "has no train-images" in run.stderr

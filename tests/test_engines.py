@@ -1,0 +1,127 @@
+"""The full and fast engines: exact agreement, agreement with backprop, shard independence."""
+
+import numpy as np
+import pytest
+
+from distnum.engines import FastEngine, FullEngine, make_engine
+from distnum.gradcheck import sample_indices, train_with_backprop
+from distnum.models import TwoLayerNet
+
+H = 1e-4
+
+
+@pytest.fixture(scope="module", params=["initial", "trained"])
+def net(request, mnist):
+    """TwoLayerNet(784, 50, 10) at its initial weights, and after 300 backprop steps."""
+    network = TwoLayerNet(784, 50, 10, seed=7)
+    if request.param == "trained":
+        (x_train, t_train), _ = mnist
+        train_with_backprop(network, x_train, t_train, 300, np.random.default_rng(7))
+    return network
+
+
+def all_indices(net):
+    return np.arange(net.layout.size)
+
+
+def test_fast_and_full_agree_and_match_backprop(net, mnist_batch):
+    x, t = mnist_batch
+    layout = net.layout
+    fast = FastEngine(layout, all_indices(net))(net.flat_params, x, t, H)
+    indices = sample_indices(net, 2000, np.random.default_rng(0))
+    full = FullEngine(layout, indices)(net.flat_params, x, t, H)
+    assert np.max(np.abs(fast[indices] - full)) <= 1e-9
+    backprop = layout.flatten(net.gradient(x, t))
+    for name, part in layout.slices.items():
+        scale = np.max(np.abs(backprop[part]))
+        assert np.max(np.abs(fast[part] - backprop[part])) / scale <= 1e-6, name
+        inside = (indices >= part.start) & (indices < part.stop)
+        sampled_error = np.abs(full[inside] - backprop[indices[inside]])
+        assert np.max(sampled_error) / scale <= 1e-6, name
+
+
+def shard_partitions(size, hidden):
+    rng = np.random.default_rng(3)
+    everything = np.arange(size)
+    column = np.arange(5, 784 * hidden, hidden)  # every W1 entry of hidden unit 5
+    rest = np.setdiff1d(everything, column)
+    return {
+        "1 shard": [everything],
+        "2 shards": np.array_split(everything, 2),
+        "3 shards": np.array_split(everything, 3),
+        "7 shards": np.array_split(everything, 7),
+        "ragged": np.split(everything, [1, 17, 20000, 39201, 39700]),
+        "random interleaved": np.array_split(rng.permutation(size), 5),
+        "one W1 column cut in two": [column[:300], np.concatenate([column[300:], rest])],
+    }
+
+
+@pytest.mark.parametrize("partition", list(shard_partitions(39760, 50)))
+def test_shards_give_the_same_bits(net, mnist_batch, partition):
+    x, t = mnist_batch
+    layout = net.layout
+    whole = FastEngine(layout, all_indices(net))(net.flat_params, x, t, H)
+    gathered = np.full(layout.size, np.nan)
+    shards = shard_partitions(layout.size, layout.hidden_size)[partition]
+    for shard in shards:
+        gathered[shard] = FastEngine(layout, shard)(net.flat_params, x, t, H)
+    assert np.array_equal(gathered, whole)
+
+
+def test_engines_on_a_small_net_with_any_inputs():
+    """Negative and repeated input values, soft labels read as indices, several h."""
+    rng = np.random.default_rng(11)
+    net = TwoLayerNet(12, 4, 3, weight_init_std=0.8, seed=11)
+    x = np.round(rng.normal(size=(9, 12)), 1) * (rng.random((9, 12)) < 0.6)
+    t = net.labels(rng.random((9, 3)))
+    everything = all_indices(net)
+    for h in (1e-3, 1e-4, 1e-5):
+        fast = FastEngine(net.layout, everything)(net.flat_params, x, t, h)
+        full = FullEngine(net.layout, everything)(net.flat_params, x, t, h)
+        np.testing.assert_allclose(fast, full, rtol=0, atol=1e-9)
+    numerical = net.numerical_gradient(x, t, engine="full")
+    for name, grad in net.gradient(x, t).items():
+        assert np.max(np.abs(numerical[name] - grad)) / np.max(np.abs(grad)) < 1e-6
+
+
+def test_engines_leave_parameters_untouched(mnist_batch):
+    x, t = mnist_batch
+    net = TwoLayerNet(784, 50, 10, seed=1)
+    before = net.flat_params.copy()
+    for engine in ("fast", "full"):
+        make_engine(engine, net.layout, np.arange(100))(net.flat_params, x, t, H)
+        assert np.array_equal(net.flat_params, before)
+
+
+def test_numerical_gradient_engines_agree(mnist_batch):
+    x, t = mnist_batch
+    net = TwoLayerNet(784, 50, 10, seed=2)
+    fast = net.numerical_gradient(x, t)  # engine="fast" is the default
+    one_hot = net.numerical_gradient(x, np.eye(10)[t], engine="fast")
+    for name in fast:
+        assert np.array_equal(fast[name], one_hot[name])
+    small = TwoLayerNet(30, 5, 10, seed=2)
+    full_small = small.numerical_gradient(x[:, :30], t, engine="full")
+    fast_small = small.numerical_gradient(x[:, :30], t, engine="fast")
+    for name in full_small:
+        np.testing.assert_allclose(fast_small[name], full_small[name], rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("bad_h", [0.0, -1e-4, float("nan"), float("inf"), "x"])
+def test_h_is_checked(bad_h):
+    net = TwoLayerNet(4, 3, 2, seed=0)
+    x, t = np.ones((2, 4)), np.array([0, 1])
+    for engine in ("fast", "full"):
+        with pytest.raises(ValueError, match="h="):
+            make_engine(engine, net.layout, np.arange(5))(net.flat_params, x, t, bad_h)
+
+
+def test_float32_and_bad_indices_and_unknown_engine_are_refused():
+    net = TwoLayerNet(4, 3, 2, seed=0)
+    x, t = np.ones((2, 4)), np.array([0, 1])
+    with pytest.raises(ValueError, match="float64 only"):
+        FastEngine(net.layout, np.arange(5))(net.flat_params.astype(np.float32), x, t, H)
+    with pytest.raises(ValueError, match=r"indices must lie in \[0, 23\)"):
+        FullEngine(net.layout, np.array([23]))
+    with pytest.raises(ValueError, match="unknown engine 'slow'; choose one of fast, full"):
+        make_engine("slow", net.layout, np.arange(5))
