@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from distnum.engines import first_layer, second_layer
-from distnum.engines.full import checked_indices, checked_params
+from distnum.engines.base import checked_indices, checked_params, one_blas_thread
 from distnum.gradient import check_h
 from distnum.models import ParamLayout, forward
 
@@ -41,7 +41,8 @@ class FastEngine:
         """g (len(indices),) for the parameters flat, batch x (B, I), labels (B,) indices."""
         h = check_h(h)
         params = self.layout.views(checked_params(flat))
-        a1, z1, a2 = forward(params, x)
+        with one_blas_thread():
+            a1, z1, a2 = forward(params, x)
         shifted_logits = a2 - np.max(a2, axis=1, keepdims=True)
         labels = np.ascontiguousarray(labels, dtype=np.int64)
         sums = np.zeros(self.size)

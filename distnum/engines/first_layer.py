@@ -38,20 +38,55 @@ class InputEntries(NamedTuple):
 
 
 def input_entries(x: np.ndarray) -> InputEntries:
+    return InputEntries(*_input_entries(np.ascontiguousarray(x, dtype=np.float64)))
+
+
+@numba.njit(**JIT)
+def _input_entries(x):
     batch_size, input_size = x.shape
-    pixel, sample = np.nonzero(x.T)
-    sample = np.concatenate([sample, np.arange(batch_size)])
-    value = np.concatenate([x.T[pixel, sample[: pixel.size]], np.ones(batch_size)])
-    order = np.lexsort((value, sample))
-    sorted_sample, sorted_value = sample[order], value[order]
-    starts = np.ones(order.size, dtype=bool)
-    starts[1:] = (np.diff(sorted_sample) != 0) | (np.diff(sorted_value) != 0)
-    value_id = np.empty(order.size, dtype=np.int64)
-    value_id[order] = np.cumsum(starts) - 1
+    entry_pixel = np.empty(x.size + batch_size, dtype=np.int64)
+    entry_value_id = np.empty(x.size + batch_size, dtype=np.int64)
+    row_end = np.empty(batch_size, dtype=np.int64)
+    values = np.empty(x.size + batch_size)
+    pixel_count = np.zeros(input_size + 1, dtype=np.int64)
+    e = 0
+    num_values = 0
+    for n in range(batch_size):
+        # this sample's entries, the bias (pixel I, value 1.0) last
+        start = e
+        for i in range(input_size + 1):
+            v = 1.0 if i == input_size else x[n, i]
+            if v != 0.0:
+                entry_pixel[e] = i
+                values[e] = v
+                pixel_count[i] += 1
+                e += 1
+        row_end[n] = e
+        # its distinct values, in increasing order, numbered from num_values on
+        order = np.argsort(values[start:e], kind="mergesort")
+        previous = np.nan
+        for q in range(order.size):
+            v = values[start + order[q]]
+            if v != previous:
+                previous = v
+                num_values += 1
+            entry_value_id[start + order[q]] = num_values - 1
+    distinct = np.empty(num_values)
+    value_sample = np.empty(num_values, dtype=np.int64)
+    for n in range(batch_size):
+        start = 0 if n == 0 else row_end[n - 1]
+        for q in range(start, row_end[n]):
+            distinct[entry_value_id[q]] = values[q]
+            value_sample[entry_value_id[q]] = n
+    # entries ordered by pixel, then sample (a counting sort, stable in sample order)
     pixel_start = np.zeros(input_size + 2, dtype=np.int64)
-    np.cumsum(np.bincount(pixel, minlength=input_size), out=pixel_start[1 : input_size + 1])
-    pixel_start[input_size + 1] = pixel_start[input_size] + batch_size
-    return InputEntries(pixel_start, value_id, sorted_sample[starts], sorted_value[starts])
+    pixel_start[1:] = np.cumsum(pixel_count)
+    fill = pixel_start[:-1].copy()
+    value_id = np.empty(e, dtype=np.int64)
+    for q in range(e):
+        value_id[fill[entry_pixel[q]]] = entry_value_id[q]
+        fill[entry_pixel[q]] += 1
+    return pixel_start, value_id, value_sample, distinct
 
 
 @numba.njit(**JIT)
