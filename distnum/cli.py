@@ -116,6 +116,21 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_train(args: argparse.Namespace) -> int:
+    from distnum.train import TrainConfig, train
+
+    config = TrainConfig(**{k: getattr(args, k) for k in TrainConfig.__dataclass_fields__})
+    summary = train(config)
+    print(
+        f"done: {summary['iters']} steps in {summary['wall_s']:.1f} s "
+        f"({summary['steps_per_s']:.1f} steps/s, {summary['workers']} workers, "
+        f"engine {summary['engine']}), loss {summary['final_loss']:.4f}, "
+        f"train_acc {summary['train_acc']:.4f}, test_acc {summary['test_acc']:.4f}; "
+        f"actors per node {summary['actors_per_node']}; outputs in {summary['out']}"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="distnum",
@@ -134,6 +149,33 @@ def build_parser() -> argparse.ArgumentParser:
     gradcheck.add_argument("--abs-tol", type=float, default=1e-9)
     gradcheck.add_argument("--rel-tol", type=float, default=1e-6)
     gradcheck.set_defaults(run=run_gradcheck)
+
+    train = commands.add_parser("train", help="the notebook's MNIST training, over Ray")
+    train.add_argument("--iters", type=positive_int, default=10000)
+    train.add_argument("--batch-size", type=positive_int, default=100)
+    train.add_argument("--lr", type=float, default=0.1, help="learning rate")
+    train.add_argument("--hidden", type=positive_int, default=50, help="hidden units")
+    train.add_argument("--weight-init-std", type=float, default=0.01)
+    train.add_argument(
+        "--workers",
+        type=positive_int,
+        help="worker actors (default: the CPUs Ray reports; more share them)",
+    )
+    train.add_argument("--engine", choices=["fast", "full"], default="fast")
+    train.add_argument("--h", type=step_size, default=DEFAULT_H, help="the nudge (1e-4)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--data-dir", help="folder with the MNIST IDX files")
+    train.add_argument("--out", help="output folder (default runs/train-<time>)")
+    train.add_argument(
+        "--address",
+        help="Ray cluster to join: auto or host:port "
+        "(default: RAY_ADDRESS, else Ray on this machine)",
+    )
+    train.add_argument(
+        "--local", action="store_true", help="compute the gradient in this process, without Ray"
+    )
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.set_defaults(run=run_train)
 
     bench = commands.add_parser("bench", help="seconds per gradient: full, fast, backprop")
     add_batch_options(bench)

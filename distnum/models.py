@@ -138,7 +138,7 @@ class TwoLayerNet:
         hidden_size: int,
         output_size: int,
         weight_init_std: float = 0.01,
-        seed: int | None = None,
+        seed: int | np.random.Generator | None = None,
     ) -> None:
         self.layout = ParamLayout(input_size, hidden_size, output_size)
         self.flat_params = np.zeros(self.layout.size, dtype=np.float64)

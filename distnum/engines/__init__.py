@@ -13,6 +13,7 @@ An engine is built once per shard (an actor keeps it) and called once per step.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
@@ -30,10 +31,15 @@ class Engine(Protocol):
     ) -> np.ndarray: ...
 
 
-def make_engine(name: str, layout: ParamLayout, indices: np.ndarray) -> Engine:
-    """The engine `name` ("fast" or "full") for the flat parameter indices of a shard."""
+EngineFactory = Callable[[ParamLayout, np.ndarray], Engine]
+
+
+def make_engine(engine: str | EngineFactory, layout: ParamLayout, indices: np.ndarray) -> Engine:
+    """The engine for the flat parameter indices of a shard: "fast", "full", or any factory
+    (layout, indices) -> engine, such as an engine class of your own."""
+    if callable(engine):
+        return engine(layout, indices)
     try:
-        engine = ENGINES[name]
+        return ENGINES[engine](layout, indices)
     except KeyError:
-        raise ValueError(f"unknown engine {name!r}; choose one of {', '.join(ENGINES)}") from None
-    return engine(layout, indices)
+        raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}") from None
