@@ -199,12 +199,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from distnum.distributed import WorkerFailed
+    from distnum.train import Interrupted
+
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except DataError as error:
+    except (DataError, ConnectionError) as error:
         print(f"distnum: error: {error}", file=sys.stderr)
         return 2
+    except WorkerFailed as error:
+        print(f"distnum: error: {error}", file=sys.stderr)
+        return 1
+    except Interrupted as interrupted:
+        print(f"distnum: {interrupted}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print("distnum: interrupted", file=sys.stderr)
         return 130

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,6 +27,10 @@ from distnum.engines import EngineFactory
 from distnum.engines.base import one_blas_thread
 from distnum.gradient import DEFAULT_H
 from distnum.models import PARAM_NAMES, TwoLayerNet
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during training; the message names the step and where the metrics are."""
 
 
 @dataclass
@@ -56,6 +62,30 @@ def seeded_rngs(seed: int) -> tuple[np.random.Generator, np.random.Generator]:
     """Independent generators for the initial weights and for the minibatches."""
     weights, batches = np.random.SeedSequence(seed).spawn(2)
     return np.random.default_rng(weights), np.random.default_rng(batches)
+
+
+class StopRequests:
+    """Ctrl-C (SIGINT) or SIGTERM asks the loop to stop after the step in flight, so that
+    no Ray call is cut in half; a second one stops at once."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self.previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopRequests:
+        if threading.current_thread() is threading.main_thread():
+            for number in (signal.SIGINT, signal.SIGTERM):
+                self.previous[number] = signal.signal(number, self.request)
+        return self
+
+    def request(self, number: int, frame: object) -> None:
+        if self.signal_name is not None:
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(number).name
+
+    def __exit__(self, *exc_info: object) -> None:
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
 
 
 class Progress:
@@ -105,11 +135,17 @@ def train(config: TrainConfig | None = None, **options) -> dict:
     progress = Progress(config.iters, config.quiet)
     step = 0
     compute_s = 0.0
+    stop = StopRequests()
     try:
         # one BLAS thread: idle OpenBLAS threads spin, on the cores the workers need
-        with one_blas_thread(), open(out / "metrics.jsonl", "w") as metrics:
+        with stop, one_blas_thread(), open(out / "metrics.jsonl", "w") as metrics:
             loop_started = time.perf_counter()
             for step in range(1, config.iters + 1):
+                if stop.signal_name:
+                    raise Interrupted(
+                        f"stopped by {stop.signal_name} after step {step - 1} of "
+                        f"{config.iters}; metrics so far in {out}"
+                    )
                 step_started = time.perf_counter()
                 batch = batch_rng.choice(len(x_train), config.batch_size)
                 grad, seconds = gradient(net.flat_params, batch)
@@ -139,6 +175,12 @@ def train(config: TrainConfig | None = None, **options) -> dict:
                                   f"loss {loss:.4f}  train_acc {train_acc:.4f}  "
                                   f"test_acc {test_acc:.4f}")  # fmt: skip
             loop_s = time.perf_counter() - loop_started
+    except KeyboardInterrupt as interrupt:
+        if isinstance(interrupt, Interrupted):
+            raise
+        raise Interrupted(
+            f"interrupted at step {step} of {config.iters}; metrics so far in {out}"
+        ) from None
     finally:
         progress.close()
         gradient.close()

@@ -43,3 +43,23 @@ def mnist_batch(mnist):
     (x_train, t_train), _ = mnist
     mask = np.random.default_rng(2016).choice(len(x_train), 100)
     return x_train[mask], t_train[mask]
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole test run (starting one costs seconds), shut down at the end."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_mnist(tmp_path_factory) -> Path:
+    """A small MNIST-format data set: 60 training and 20 test images of random pixels."""
+    from idx_files import write_fake_mnist
+
+    directory = tmp_path_factory.mktemp("tiny-mnist")
+    write_fake_mnist(directory, n_train=60, n_test=20)
+    return directory

@@ -18,8 +18,9 @@ class FullEngine:
         self.indices = checked_indices(layout, indices)
 
     def __call__(self, flat: np.ndarray, x: np.ndarray, labels: np.ndarray, h: float) -> np.ndarray:
-        params = self.layout.views(checked_params(flat))
+        nudged = checked_params(flat).copy()  # a private copy: flat may be read-only
+        params = self.layout.views(nudged)
         with one_blas_thread():
             return central_differences(
-                lambda _: batch_loss(params, x, labels), flat, self.indices, h
+                lambda _: batch_loss(params, x, labels), nudged, self.indices, h
             )
