@@ -3,4 +3,13 @@
 from distnum.data import load_mnist
 from distnum.models import SimpleNet, TwoLayerNet
 
-__all__ = ["SimpleNet", "TwoLayerNet", "load_mnist"]
+__all__ = ["SimpleNet", "TwoLayerNet", "TrainConfig", "load_mnist", "train"]
+
+
+def __getattr__(name: str):
+    # distnum.train and TrainConfig import Ray: only when asked for
+    if name in ("train", "TrainConfig"):
+        from distnum import training
+
+        return getattr(training, name)
+    raise AttributeError(f"module 'distnum' has no attribute {name!r}")

@@ -92,3 +92,62 @@ def format_engine_rows(rows: list[dict[str, float]]) -> str:
         "fast gradients, interpreter included."
     )
     return "\n".join(lines)
+
+
+def bench_workers(
+    x_train: np.ndarray, t_train: np.ndarray, worker_counts: list[int], steps: int,
+    hidden: int, seed: int, h: float, batch_size: int = 100, lr: float = 0.1,
+) -> list[dict[str, float]]:  # fmt: skip
+    """Training steps (gradient over Ray, gather, SGD update) with each number of worker
+    actors, on the Ray this process is connected to. Overhead: a step's time minus the
+    longest time a worker spent computing its slice (Ray calls, transfers, gathering)."""
+    from distnum.distributed import ShardedGradient
+
+    net = TwoLayerNet(x_train.shape[1], hidden, 10, seed=seed)
+    rows = []
+    for count in worker_counts:
+        rng = np.random.default_rng(seed)
+        flat = net.flat_params.copy()
+        gradient = ShardedGradient(net.layout, "fast", h, x_train, t_train, count)
+        step_s, compute_s = [], []
+        try:
+            for step in range(steps + 5):  # the first 5 warm up
+                batch = rng.choice(len(x_train), batch_size)
+                started = time.perf_counter()
+                grad, computing = gradient(flat, batch)
+                flat -= lr * grad
+                if step >= 5:
+                    step_s.append(time.perf_counter() - started)
+                    compute_s.append(computing)
+        finally:
+            gradient.close()
+        step_s, compute_s = np.array(step_s), np.array(compute_s)
+        rows.append({
+            "workers": count,
+            "steps": steps,
+            "steps_per_s": float(1 / np.median(step_s)),
+            "median_step_s": float(np.median(step_s)),
+            "median_compute_s": float(np.median(compute_s)),
+            "median_overhead_s": float(np.median(step_s - compute_s)),
+        })  # fmt: skip
+    for row in rows:
+        row["speedup"] = row["steps_per_s"] / rows[0]["steps_per_s"]
+    return rows
+
+
+def format_worker_rows(rows: list[dict[str, float]]) -> str:
+    lines = [
+        f"{'workers':>7} {'steps/s':>8} {'speedup':>8} {'step ms':>8} {'compute ms':>11} "
+        f"{'overhead ms':>12}"
+    ]
+    for r in rows:
+        lines.append(
+            f"{r['workers']:>7} {r['steps_per_s']:>8.1f} {r['speedup']:>8.2f} "
+            f"{r['median_step_s'] * 1e3:>8.2f} {r['median_compute_s'] * 1e3:>11.2f} "
+            f"{r['median_overhead_s'] * 1e3:>12.2f}"
+        )
+    lines.append(
+        "medians over the timed steps; compute: the slowest worker's own time; overhead: "
+        "the rest of the step (Ray calls, transfers, gathering, the update)."
+    )
+    return "\n".join(lines)

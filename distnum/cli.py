@@ -98,26 +98,48 @@ def run_gradcheck(args: argparse.Namespace) -> int:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from distnum.bench import bench_engines, format_engine_rows
+    from distnum.bench import bench_engines, bench_workers, format_engine_rows, format_worker_rows
 
-    x, labels, _, _ = real_batch(args)
-    rows = [
-        bench_engines(x, labels, hidden, args.seed, args.h, args.full_sample, args.repeat)
-        for hidden in (args.hidden_sizes or [args.hidden])
-    ]
+    x, labels, x_train, t_train = real_batch(args)
+    report = {
+        "engines": [
+            bench_engines(x, labels, hidden, args.seed, args.h, args.full_sample, args.repeat)
+            for hidden in (args.hidden_sizes or [args.hidden])
+        ]
+    }
+    if args.workers:
+        from distnum.distributed import connect
+
+        owns_ray = connect(args.address)
+        try:
+            report["workers"] = bench_workers(
+                x_train, t_train, args.workers, args.steps, args.hidden, args.seed, args.h,
+                args.batch_size,
+            )  # fmt: skip
+        finally:
+            if owns_ray:
+                import ray
+
+                ray.shutdown()
     if args.json:
-        print(json.dumps({"engines": rows}, indent=2))
-    else:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(
+        f"bench: a batch of {len(x)} MNIST images, h {args.h:g}, seed {args.seed}, "
+        f"{os.cpu_count()} CPUs; the engines in one process"
+    )
+    print(format_engine_rows(report["engines"]))
+    if args.workers:
         print(
-            f"bench: a batch of {len(x)} MNIST images, h {args.h:g}, seed {args.seed}, "
-            f"{os.cpu_count()} CPUs, one process"
+            f"\ntraining steps over Ray worker actors ({args.steps} timed steps each, "
+            f"hidden {args.hidden}, batch {args.batch_size}):"
         )
-        print(format_engine_rows(rows))
+        print(format_worker_rows(report["workers"]))
     return 0
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from distnum.train import TrainConfig, train
+    from distnum.training import TrainConfig, train
 
     config = TrainConfig(**{k: getattr(args, k) for k in TrainConfig.__dataclass_fields__})
     summary = train(config)
@@ -128,6 +150,20 @@ def run_train(args: argparse.Namespace) -> int:
         f"train_acc {summary['train_acc']:.4f}, test_acc {summary['test_acc']:.4f}; "
         f"actors per node {summary['actors_per_node']}; outputs in {summary['out']}"
     )
+    return 0
+
+
+def run_plot(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from distnum.plot import plot_run
+
+    try:
+        plot_run(Path(args.run_dir), Path(args.output))
+    except (FileNotFoundError, ImportError) as error:
+        print(f"distnum: error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.output}")
     return 0
 
 
@@ -193,14 +229,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="coordinates the full engine is timed on",
     )
     bench.add_argument("--repeat", type=positive_int, default=20)
+    bench.add_argument(
+        "--workers",
+        type=positive_int,
+        nargs="+",
+        metavar="N",
+        help="also time training steps over N worker actors, e.g. 1 2",
+    )
+    bench.add_argument(
+        "--steps", type=positive_int, default=200, help="timed training steps per worker count"
+    )
+    bench.add_argument("--address", help="Ray cluster for --workers (default: this machine)")
     bench.add_argument("--json", action="store_true", help="machine-readable output")
     bench.set_defaults(run=run_bench)
+    plot = commands.add_parser("plot", help="loss and accuracy curves of a run, as a PNG")
+    plot.add_argument("run_dir", metavar="OUT", help="the --out folder of a distnum train run")
+    plot.add_argument("-o", "--output", default="curves.png", help="PNG file (curves.png)")
+    plot.set_defaults(run=run_plot)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     from distnum.distributed import WorkerFailed
-    from distnum.train import Interrupted
+    from distnum.training import Interrupted
 
     args = build_parser().parse_args(argv)
     try:

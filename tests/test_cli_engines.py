@@ -64,3 +64,31 @@ def test_bad_h_and_missing_data_are_one_line_errors(tmp_path):
     run = distnum("bench", "--data-dir", str(tmp_path))
     assert run.returncode == 2
     assert run.stderr.strip().count("\n") == 0 and "has no train-images" in run.stderr
+
+
+def test_bench_workers_reports_steps_per_second_and_overhead(mnist_dir):
+    run = distnum(
+        "bench", "--data-dir", str(mnist_dir), "--full-sample", "20", "--repeat", "2",
+        "--workers", "1", "2", "--steps", "20", "--json",
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    rows = json.loads(run.stdout)["workers"]
+    assert [r["workers"] for r in rows] == [1, 2]
+    assert rows[0]["speedup"] == 1.0
+    for r in rows:
+        assert r["steps"] == 20 and r["steps_per_s"] > 0
+        assert 0 < r["median_compute_s"] < r["median_step_s"]
+        assert r["median_overhead_s"] > 0
+
+
+def test_plot_writes_the_two_figures(tiny_mnist, tmp_path):
+    from distnum.training import train
+
+    train(iters=12, batch_size=10, local=True, data_dir=str(tiny_mnist), out=str(tmp_path / "r"),
+          quiet=True)  # fmt: skip
+    png = tmp_path / "curves.png"
+    run = distnum("plot", str(tmp_path / "r"), "-o", str(png))
+    assert run.returncode == 0, run.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    missing = distnum("plot", str(tmp_path / "nothing"))
+    assert missing.returncode == 2 and "metrics.jsonl does not exist" in missing.stderr

@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from distnum.distributed import WorkerFailed
-from distnum.train import params_sha256, train
+from distnum.training import params_sha256, train
 
 
 def distnum_train(*args: str, **popen) -> subprocess.Popen:
