@@ -60,8 +60,11 @@ class GradientWorker:
         self.layout = layout
 
     def ready(self) -> str:
-        """Loads the compiled kernels with one small call; returns this actor's node id."""
-        self.engine(np.zeros(self.layout.size), self.x_train[:2], self.t_train[:2], self.h)
+        """Compiles the kernels (or loads them from numba's cache) with one small call, on
+        arrays like the steps' (the parameters arrive read-only); returns the node id."""
+        flat = np.zeros(self.layout.size)
+        flat.flags.writeable = False
+        self.engine(flat, self.x_train[:2], self.t_train[:2], self.h)
         return ray.get_runtime_context().get_node_id()
 
     def gradient_slice(self, step: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, float]:
@@ -143,7 +146,16 @@ def connect(address: str | None) -> bool:
         return True
     if ":" in address and not address.startswith("ray://"):
         check_reachable(address)
-    ray.init(address=address, log_to_driver=False, logging_level="WARNING")
+    try:
+        ray.init(address=address, log_to_driver=False, logging_level="WARNING")
+    except ConnectionError as error:
+        hint = ""
+        if os.environ.get("RAY_AUTH_MODE") != "token":
+            hint = (
+                "; a cluster started by `ray start` authenticates with a token: set "
+                "RAY_AUTH_MODE=token, with the token in ~/.ray/auth_token or RAY_AUTH_TOKEN"
+            )
+        raise ConnectionError(f"cannot join the Ray cluster at {address}: {error}{hint}") from None
     return True
 
 

@@ -1,0 +1,137 @@
+"""A real multi-node Ray cluster on this machine: cluster/local_cluster.py, job submission
+through the Ray Jobs API, a driver from outside; and the cloud configs in cluster/."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from distnum.cli import build_parser
+
+CLUSTER = Path(__file__).resolve().parent.parent / "cluster"
+spec = importlib.util.spec_from_file_location("local_cluster", CLUSTER / "local_cluster.py")
+local_cluster = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(local_cluster)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A head and one worker node of 1 CPU each, stopped at the end, leaving no process."""
+    state = Path(f"/tmp/distnum-test-{os.getpid()}")
+    info = local_cluster.start(1, [1], free_port(), free_port(), state)
+    try:
+        yield info
+    finally:
+        local_cluster.stop(state)
+        assert local_cluster.cluster_processes(info["session"]) == []
+
+
+@pytest.fixture
+def jobs(cluster):
+    """The Ray Jobs API of the cluster, authenticating with the cluster's token."""
+    from ray.job_submission import JobSubmissionClient
+
+    token = local_cluster.auth_token()
+    return JobSubmissionClient(cluster["dashboard"], headers={"Authorization": f"Bearer {token}"})
+
+
+def wait_for_job(client, job_id: str, timeout_s: float = 300):
+    from ray.job_submission import JobStatus
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = client.get_job_status(job_id)
+        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            return status, client.get_job_logs(job_id)
+        time.sleep(1)
+    client.stop_job(job_id)
+    raise AssertionError(f"job {job_id} did not finish in {timeout_s} s")
+
+
+def test_job_runs_on_both_nodes(jobs, mnist_dir, tmp_path):
+    out = tmp_path / "job"
+    job_id = jobs.submit_job(entrypoint=(
+        f"distnum train --address auto --iters 60 --workers 2 --data-dir {mnist_dir} "
+        f"--out {out} --quiet"
+    ))  # fmt: skip
+    status, logs = wait_for_job(jobs, job_id)
+    assert status == "SUCCEEDED", logs
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["actors_per_node"]) == 2 and sum(summary["actors_per_node"].values()) == 2
+    assert math.isfinite(summary["final_loss"])
+    for node in summary["actors_per_node"]:
+        assert node in logs  # the job's output shows where the actors ran
+    assert f"loss {summary['final_loss']:.4f}" in logs
+
+
+def test_job_with_a_bad_argument_fails_with_the_error_in_its_logs(jobs, tmp_path):
+    job_id = jobs.submit_job(entrypoint=f"distnum train --engine slow --out {tmp_path}")
+    status, logs = wait_for_job(jobs, job_id, timeout_s=120)
+    assert status == "FAILED"
+    assert "argument --engine: invalid choice: 'slow'" in logs
+
+
+def test_driver_outside_the_cluster(cluster, mnist_dir, tmp_path):
+    out = tmp_path / "outside"
+    run = subprocess.run(
+        [sys.executable, "-m", "distnum", "train", "--address", cluster["address"],
+         "--iters", "60", "--workers", "2", "--data-dir", str(mnist_dir), "--out", str(out),
+         "--quiet"],
+        env={**os.environ, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["actors_per_node"]) == 2 and math.isfinite(summary["final_loss"])
+
+
+def train_command(command_line: str):
+    """The parsed `distnum train` arguments of a command line that runs it."""
+    words = shlex.split(command_line)
+    start = words.index("distnum")
+    assert words[start + 1] == "train", command_line
+    return build_parser().parse_args(words[start + 1 :])
+
+
+def test_kuberay_rayjob_runs_a_valid_train_command():
+    manifest = yaml.safe_load((CLUSTER / "rayjob.yaml").read_text())
+    assert manifest["apiVersion"] == "ray.io/v1" and manifest["kind"] == "RayJob"
+    args = train_command(manifest["spec"]["entrypoint"])
+    assert args.address == "auto" and args.workers >= 1
+    cluster_spec = manifest["spec"]["rayClusterSpec"]
+    containers = [cluster_spec["headGroupSpec"]["template"]["spec"]["containers"][0]] + [
+        group["template"]["spec"]["containers"][0] for group in cluster_spec["workerGroupSpecs"]
+    ]
+    for container in containers:
+        assert {"name": "RAY_AUTH_MODE", "value": "token"} in container["env"]
+    assert "CHANGE" in (CLUSTER / "rayjob.yaml").read_text()
+
+
+def test_cluster_launcher_config_is_valid_and_runs_a_valid_train_command():
+    from ray.autoscaler._private.util import fillout_defaults, validate_config
+
+    config = yaml.safe_load((CLUSTER / "aws.yaml").read_text())
+    validate_config(fillout_defaults(config))  # Ray's own schema for `ray up`
+    assert config["provider"]["type"] == "aws"
+    submit = [c for c in config["head_start_ray_commands"] if "distnum train" in c]
+    assert len(submit) == 1 and "ray job submit" in submit[0]
+    args = train_command(submit[0])
+    assert args.address == "auto"
+    assert "CHANGE" in (CLUSTER / "aws.yaml").read_text()
