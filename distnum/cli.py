@@ -13,6 +13,13 @@ from distnum.data import DataError, load_mnist
 from distnum.gradient import DEFAULT_H, check_h
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line (what is wrong, and where to look), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -139,14 +146,21 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from distnum.training import TrainConfig, train
+    from distnum.training import ConfigError, TrainConfig, train
 
+    if args.resume is not None:
+        if args.out is not None and args.out != args.resume:
+            raise ConfigError(f"--out {args.out} and --resume {args.resume} differ; a resumed "
+                              "run goes on in its own folder: give only --resume")  # fmt: skip
+        args.out, args.resume = args.resume, True
+    else:
+        args.resume = False
     config = TrainConfig(**{k: getattr(args, k) for k in TrainConfig.__dataclass_fields__})
     summary = train(config)
     print(
         f"done: {summary['iters']} steps in {summary['wall_s']:.1f} s "
         f"({summary['steps_per_s']:.1f} steps/s, {summary['workers']} workers, "
-        f"engine {summary['engine']}), loss {summary['final_loss']:.4f}, "
+        f"engine {summary['engine']}), loss {summary['final_loss']:.4g}, "
         f"train_acc {summary['train_acc']:.4f}, test_acc {summary['test_acc']:.4f}; "
         f"actors per node {summary['actors_per_node']}; outputs in {summary['out']}"
     )
@@ -168,7 +182,7 @@ def run_plot(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="distnum",
         description="Exact central-difference gradients for the chapter-4 network.",
     )
@@ -211,6 +225,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--local", action="store_true", help="compute the gradient in this process, without Ray"
     )
     train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.add_argument("--checkpoint-every", type=positive_int, metavar="N",
+                       help="write a checkpoint every N steps (default: every epoch; always "
+                       "at the end)")  # fmt: skip
+    train.add_argument("--resume", metavar="OUT",
+                       help="go on with the run in OUT from its newest valid checkpoint, up "
+                       "to --iters")  # fmt: skip
+    train.add_argument("--max-worker-restarts", type=int, default=3, metavar="N",
+                       help="worker actors that die are replaced and their step redone, up "
+                       "to N times in a run (3)")  # fmt: skip
     train.set_defaults(run=run_train)
 
     bench = commands.add_parser("bench", help="seconds per gradient: full, fast, backprop")
@@ -249,22 +272,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def exit_now(message: str, status: int) -> int:
+    """Print the message and end the process here. By now the run has closed its files and
+    shut its actors and Ray down; but after a compiled graph has lost an actor, the
+    interpreter's own exit can crash in Ray's threads (seen as SIGSEGV after the message),
+    which would hide the status."""
+    print(message, file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from distnum.checkpoint import CheckpointError
     from distnum.distributed import WorkerFailed
-    from distnum.training import Interrupted
+    from distnum.training import ConfigError, Diverged, Interrupted
 
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (DataError, ConnectionError) as error:
+    except (ConfigError, CheckpointError, DataError, ConnectionError) as error:
         print(f"distnum: error: {error}", file=sys.stderr)
         return 2
-    except WorkerFailed as error:
-        print(f"distnum: error: {error}", file=sys.stderr)
-        return 1
+    except (WorkerFailed, Diverged) as error:
+        return exit_now(f"distnum: error: {error}", 1)
     except Interrupted as interrupted:
-        print(f"distnum: {interrupted}", file=sys.stderr)
-        return 130
+        return exit_now(f"distnum: {interrupted}", 130)
     except KeyboardInterrupt:
         print("distnum: interrupted", file=sys.stderr)
         return 130

@@ -22,6 +22,8 @@ from distnum.engines import EngineFactory, make_engine
 from distnum.models import ParamLayout
 from distnum.sharding import make_shards
 
+MIN_WAIT_S = 10.0  # the least a step is waited for before the actors are checked
+
 
 class WorkerFailed(RuntimeError):
     """A worker actor raised an exception or died; the message says which and why."""
@@ -76,60 +78,118 @@ class GradientWorker:
 
 class ShardedGradient:
     """The driver's side: num_workers GradientWorker actors spread over the cluster's nodes,
-    shards of equal estimated cost, and a Ray Compiled Graph calling them each step."""
+    shards of equal estimated cost, and a Ray Compiled Graph calling them each step.
+
+    A worker actor that dies is replaced, the graph compiled again and the step redone
+    (the same inputs give the same bits), up to max_restarts times in all."""
 
     def __init__(
         self, layout: ParamLayout, engine: str | EngineFactory, h: float, x_train: np.ndarray,
-        t_train: np.ndarray, num_workers: int,
+        t_train: np.ndarray, num_workers: int, max_restarts: int = 3,
     ) -> None:  # fmt: skip
         density = np.count_nonzero(x_train, axis=0) / len(x_train)
-        shards = make_shards(layout, density, num_workers)
-        self.shard_indices = np.concatenate(shards)  # where each gathered value belongs
-        x_ref, t_ref = ray.put(x_train), ray.put(t_train)
+        self.shards = make_shards(layout, density, num_workers)
+        self.shard_indices = np.concatenate(self.shards)  # where each gathered value belongs
+        self.actor_args = (engine, layout, h, ray.put(x_train), ray.put(t_train))
         # more workers than CPUs share them, rather than wait for CPUs that never come
         cpus = ray.cluster_resources().get("CPU", 1.0)
-        per_worker = min(1.0, cpus / num_workers)
-        self.workers = [
-            GradientWorker.options(num_cpus=per_worker, scheduling_strategy="SPREAD").remote(
-                engine, layout, shard, h, x_ref, t_ref
-            )
-            for shard in shards
-        ]
-        self.num_workers = num_workers
+        self.cpus_per_worker = min(1.0, cpus / num_workers)
+        self.num_workers, self.max_restarts, self.restarts = num_workers, max_restarts, 0
+        self.buffer_bytes = layout.size * 8 + (1 << 16)  # parameters in, a slice out
         self.graph = None
+        self.workers = [self.new_worker(shard) for shard in self.shards]
+        self.actors_per_node = dict(
+            collections.Counter(ray.get([w.ready.remote() for w in self.workers]))
+        )
+        self.compile()
+        self.expected_compute_s = self.slowest_compute_s = 0.0
+        self.patience = 1  # grows when a step outlasts the wait limit with every actor alive
+
+    def new_worker(self, shard: np.ndarray) -> ray.actor.ActorHandle:
+        engine, layout, h, x_ref, t_ref = self.actor_args
+        options = {"num_cpus": self.cpus_per_worker, "scheduling_strategy": "SPREAD"}
+        return GradientWorker.options(**options).remote(engine, layout, shard, h, x_ref, t_ref)
+
+    def wait_ready(self) -> None:
+        """Wait until every actor has its kernels loaded; count the actors on each node."""
         nodes = ray.get([worker.ready.remote() for worker in self.workers])
         self.actors_per_node = dict(collections.Counter(nodes))
+
+    def compile(self) -> None:
         with InputNode() as step:
             dag = MultiOutputNode([w.gradient_slice.bind(step) for w in self.workers])
-        # room for the parameters in and a slice out without resizing the channels
-        self.graph = dag.experimental_compile(_buffer_size_bytes=layout.size * 8 + (1 << 16))
-        self.expected_compute_s = 0.0
+        self.graph = dag.experimental_compile(_buffer_size_bytes=self.buffer_bytes)
 
     def __call__(self, flat: np.ndarray, batch: np.ndarray) -> tuple[np.ndarray, float]:
         """The gradient (layout.size,) gathered into index order, and the longest time one
         worker spent computing its slice."""
-        result = self.graph.execute((flat, batch))
-        # ray.get on a compiled graph spins on a CPU while it waits, a CPU the workers need
-        # when they are as many as the cores: sleep through most of the expected wait first
-        time.sleep(0.95 * self.expected_compute_s)
-        try:
-            slices = ray.get(result, timeout=-1)  # -1: no limit, a full-engine step can be long
-        except ray.exceptions.RayTaskError as error:
-            cause = error.cause if isinstance(error.cause, BaseException) else error
-            raise WorkerFailed(f"a worker actor raised {type(cause).__name__}: {cause}") from None
-        except ray.exceptions.RayError as error:
-            first_line = str(error).strip().splitlines()[0]
-            raise WorkerFailed(f"a worker actor failed: {first_line}") from None
+        while True:
+            try:
+                slices = self.run_graph(flat, batch)
+                break
+            except ray.exceptions.RayTaskError as error:  # the worker's own code raised
+                cause = error.cause if isinstance(error.cause, BaseException) else error
+                raise WorkerFailed(
+                    f"a worker actor raised {type(cause).__name__}: {cause}"
+                ) from None
+            except ray.exceptions.RayError as error:  # an actor died, or no answer in time
+                self.recover(error)
         compute_s = max(s for _, s in slices)
         self.expected_compute_s = min(compute_s, 1.05 * self.expected_compute_s or compute_s)
+        self.slowest_compute_s = max(self.slowest_compute_s, compute_s)
         grad = np.empty_like(flat)
         grad[self.shard_indices] = np.concatenate([g for g, _ in slices])
         return grad, compute_s
 
-    def close(self) -> None:
+    def run_graph(self, flat: np.ndarray, batch: np.ndarray) -> list:
+        result = self.graph.execute((flat, batch))
+        # ray.get on a compiled graph spins on a CPU while it waits, a CPU the workers need
+        # when they are as many as the cores: sleep through most of the expected wait first
+        time.sleep(0.95 * self.expected_compute_s)
+        # never wait without a limit: a graph that lost an actor may not wake its reader
+        limit = max(MIN_WAIT_S, 10 * self.slowest_compute_s) * self.patience
+        return ray.get(result, timeout=limit)
+
+    def recover(self, error: ray.exceptions.RayError) -> None:
+        """After a failed or unanswered step: replace the actors that died, or, when all are
+        alive (the step was only slower than the limit), wait longer next time; then
+        compile the graph again, so that the step can be redone."""
+        self.teardown_graph()
+        dead = [k for k, worker in enumerate(self.workers) if not self.answers(worker)]
+        if not dead:
+            self.patience *= 4
+        else:
+            self.restarts += 1
+            if self.restarts > self.max_restarts:
+                first_line = str(error).strip().splitlines()[0]
+                raise WorkerFailed(
+                    f"worker actors died {self.restarts} times, more than "
+                    f"--max-worker-restarts {self.max_restarts}; last: {first_line}"
+                ) from None
+            for k in dead:
+                ray.kill(self.workers[k])
+                self.workers[k] = self.new_worker(self.shards[k])
+        self.wait_ready()
+        self.compile()
+
+    @staticmethod
+    def answers(worker: ray.actor.ActorHandle) -> bool:
+        try:
+            ray.get(worker.ready.remote(), timeout=60)
+            return True
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            return False
+
+    def teardown_graph(self) -> None:
         if self.graph is not None:
-            self.graph.teardown()
+            try:
+                self.graph.teardown()
+            except ray.exceptions.RayError:
+                pass  # a graph that lost an actor may have torn itself down already
             self.graph = None
+
+    def close(self) -> None:
+        self.teardown_graph()
         for worker in self.workers:
             ray.kill(worker)
         self.workers = []

@@ -78,7 +78,7 @@ def test_job_runs_on_both_nodes(jobs, mnist_dir, tmp_path):
     assert math.isfinite(summary["final_loss"])
     for node in summary["actors_per_node"]:
         assert node in logs  # the job's output shows where the actors ran
-    assert f"loss {summary['final_loss']:.4f}" in logs
+    assert f"loss {summary['final_loss']:.4g}" in logs
 
 
 def test_job_with_a_bad_argument_fails_with_the_error_in_its_logs(jobs, tmp_path):

@@ -1,0 +1,286 @@
+"""Faults: checkpoints and bit-identical resume, a worker actor's process killed, the driver
+killed with SIGKILL, divergence, and bad input.
+
+Real processes throughout: `distnum train` runs as a subprocess with its own Ray, a worker
+actor's process is killed with SIGKILL, the driver is killed with SIGKILL.
+
+Bad inputs tried (each a one-line error, exit status 2, before Ray starts):
+    --lr 0, --lr -1, --lr abc, --lr nan; --batch-size 0, a batch larger than the training set;
+    --iters 0; --h 0, --h=-1e-4; --workers 0; --engine slow; a --data-dir without MNIST;
+    an --out that is a file; --resume from a folder with no checkpoint, with a checkpoint whose
+    checksum is wrong, with a truncated one, and with one of another --hidden.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+from distnum import checkpoint as checkpoints
+from distnum.training import Diverged, train
+
+TINY = ["--batch-size", "10", "--hidden", "8"]  # 60 training images: an epoch is 6 steps
+
+
+def reference_sha(tiny_mnist: Path, tmp_path: Path, iters: int, **options) -> str:
+    """params_sha256 of the same run done in one go, in this process, without Ray."""
+    summary = train(iters=iters, batch_size=10, hidden=8, local=True, quiet=True,
+                    data_dir=str(tiny_mnist), out=str(tmp_path / f"reference-{iters}"),
+                    **options)  # fmt: skip
+    return summary["params_sha256"]
+
+
+def start_train(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "distnum", "train", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+
+def wait_until(condition, timeout_s: float, process: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"the run ended early: {process.communicate()}")
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out")
+        time.sleep(0.1)
+
+
+def checkpoint_steps(out: Path) -> list[int]:
+    return sorted(int(p.stem.split("-")[1]) for p in checkpoints.directory(out).glob("*.json"))
+
+
+def summary_of(out: Path) -> dict:
+    return json.loads((out / "summary.json").read_text())
+
+
+# --- checkpoints and resume ---------------------------------------------------------------
+
+
+def test_checkpoints_are_atomic_checked_and_pickle_free(tiny_mnist, tmp_path):
+    out = tmp_path / "run"
+    train(iters=17, checkpoint_every=5, batch_size=10, hidden=8, local=True, quiet=True,
+          data_dir=str(tiny_mnist), out=str(out))  # fmt: skip
+    assert checkpoint_steps(out) == [15, 17]  # every 5 steps and at the end; the newest 2 kept
+    folder = checkpoints.directory(out)
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no temporary files
+    manifest = json.loads((folder / "step-0000017.json").read_text())
+    assert manifest["step"] == 17 and manifest["rng_state"]["bit_generator"] == "PCG64"
+    with np.load(folder / manifest["data"], allow_pickle=False) as arrays:
+        assert arrays["step_losses"].shape == (17,)
+        assert arrays["epochs"].shape == (3, 4)  # steps 6, 12 and 17
+        with np.load(out / "params.npz", allow_pickle=False) as params:
+            final = np.concatenate([params[k].ravel() for k in ("W1", "b1", "W2", "b2")])
+        assert np.array_equal(arrays["flat_params"], final)
+
+
+def test_resume_gives_the_same_bits_and_metrics(ray_session, tiny_mnist, tmp_path):
+    out = tmp_path / "run"
+    train(iters=9, workers=2, batch_size=10, hidden=8, quiet=True, data_dir=str(tiny_mnist),
+          out=str(out))  # fmt: skip
+    resumed = train(iters=20, resume=True, workers=2, quiet=True, data_dir=str(tiny_mnist),
+                    out=str(out))  # fmt: skip
+    assert resumed["resumed_from_step"] == 9 and resumed["hidden"] == 8
+    assert resumed["params_sha256"] == reference_sha(tiny_mnist, tmp_path, 20)
+    reference = tmp_path / "reference-20" / "metrics.jsonl"
+    ours = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    theirs = [json.loads(line) for line in reference.read_text().splitlines()]
+
+    def steps(records):
+        return [(r["step"], r["loss"]) for r in records if "loss" in r]
+
+    def epochs(records):
+        return [(r["step"], r["train_acc"], r["test_acc"]) for r in records if "test_acc" in r]
+
+    assert steps(ours) == steps(theirs) and [s for s, _ in steps(ours)] == list(range(1, 21))
+    assert epochs(ours) == epochs(theirs) and [s for s, *_ in epochs(ours)] == [6, 12, 18, 20]
+
+
+def test_a_damaged_newest_checkpoint_is_skipped(tiny_mnist, tmp_path, capsys):
+    out = tmp_path / "run"
+    train(iters=12, checkpoint_every=5, batch_size=10, hidden=8, local=True, quiet=True,
+          data_dir=str(tiny_mnist), out=str(out))  # fmt: skip
+    newest = checkpoints.directory(out) / "step-0000012.npz"
+    newest.write_bytes(newest.read_bytes()[:-10])
+    resumed = train(iters=20, resume=True, local=True, quiet=True, data_dir=str(tiny_mnist),
+                    out=str(out))  # fmt: skip
+    assert resumed["resumed_from_step"] == 10
+    assert "skipping a damaged checkpoint" in capsys.readouterr().err
+    assert resumed["params_sha256"] == reference_sha(tiny_mnist, tmp_path, 20)
+
+
+# --- processes killed ------------------------------------------------------------------------
+
+
+def gradient_worker_processes(driver: psutil.Process) -> list[psutil.Process]:
+    return [p for p in driver.children(recursive=True)
+            if any("GradientWorker" in part for part in p.cmdline())]  # fmt: skip
+
+
+def kill_leftovers(processes: list[psutil.Process]) -> None:
+    """End what a SIGKILLed driver could not (its local Ray), so no test leaves processes."""
+    for process in processes:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(processes, timeout=30)
+
+
+def test_a_killed_worker_is_replaced_and_its_step_redone(tiny_mnist, tmp_path):
+    out = tmp_path / "run"
+    run = start_train("--iters", "300", "--workers", "2", "--quiet", "--data-dir",
+                      str(tiny_mnist), "--out", str(out), *TINY)  # fmt: skip
+    driver = psutil.Process(run.pid)
+    metrics = out / "metrics.jsonl"
+    wait_until(lambda: metrics.exists() and metrics.read_text().count("test_acc") >= 3, 180, run)
+    victim = gradient_worker_processes(driver)[0]
+    victim.send_signal(signal.SIGKILL)
+    _, stderr = run.communicate(timeout=300)
+    assert run.returncode == 0, stderr
+    summary = summary_of(out)
+    assert summary["worker_restarts"] >= 1
+    assert summary["params_sha256"] == reference_sha(tiny_mnist, tmp_path, 300)
+
+
+def test_beyond_the_restarts_a_clear_error_and_the_checkpoint_kept(tiny_mnist, tmp_path):
+    out = tmp_path / "run"
+    run = start_train("--iters", "100000", "--workers", "2", "--quiet", "--data-dir",
+                      str(tiny_mnist), "--out", str(out), "--max-worker-restarts", "0",
+                      *TINY)  # fmt: skip
+    driver = psutil.Process(run.pid)
+    wait_until(lambda: len(checkpoint_steps(out)) >= 2, 180, run)
+    gradient_worker_processes(driver)[0].send_signal(signal.SIGKILL)
+    _, stderr = run.communicate(timeout=120)
+    assert run.returncode == 1, stderr
+    assert "more than --max-worker-restarts 0" in stderr
+    assert len(stderr.strip().splitlines()[-1]) > 0
+    saved, skipped = checkpoints.newest(out)
+    assert saved.step >= 6 and skipped == []
+
+
+def test_driver_killed_with_sigkill_then_resume(tiny_mnist, tmp_path):
+    out = tmp_path / "run"
+    args = ["--workers", "2", "--quiet", "--data-dir", str(tiny_mnist), *TINY]
+    run = start_train("--iters", "600", "--out", str(out), "--checkpoint-every", "20", *args)
+    driver = psutil.Process(run.pid)
+    wait_until(lambda: len(checkpoint_steps(out)) >= 2 and checkpoint_steps(out)[-1] >= 60,
+               180, run)  # fmt: skip
+    ray_processes = driver.children(recursive=True)
+    driver.send_signal(signal.SIGKILL)
+    run.communicate(timeout=60)
+    kill_leftovers(ray_processes)
+    assert run.returncode == -signal.SIGKILL
+    resumed = start_train("--resume", str(out), "--iters", "600", *args)
+    _, stderr = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, stderr
+    summary = summary_of(out)
+    assert summary["resumed_from_step"] >= 60
+    assert summary["params_sha256"] == reference_sha(tiny_mnist, tmp_path, 600)
+
+
+# --- divergence -----------------------------------------------------------------------------
+
+
+def test_divergence_stops_at_the_step_and_keeps_the_last_good_checkpoint(tiny_mnist, tmp_path):
+    out = tmp_path / "run"
+    # 3e307: the parameters grow for a few steps, then the logits overflow
+    with pytest.raises(Diverged, match=r"diverged at step (\d+): the loss is inf with --lr 3e\+307"
+                       ) as failure:  # fmt: skip
+        train(iters=100, lr=3e307, checkpoint_every=1, batch_size=10, hidden=8, local=True,
+              quiet=True, data_dir=str(tiny_mnist), out=str(out))  # fmt: skip
+    step = int(str(failure.value).split()[3].rstrip(":"))
+    saved, skipped = checkpoints.newest(out)
+    assert skipped == [] and saved.step == step - 1 > 0
+    assert np.isfinite(saved.flat_params).all()
+    assert f"last good checkpoint: step {step - 1}" in str(failure.value)
+
+
+def test_divergence_from_the_command_line(tiny_mnist, tmp_path):
+    run = start_train("--local", "--lr", "1e308", "--iters", "50", "--data-dir",
+                      str(tiny_mnist), "--out", str(tmp_path / "run"), *TINY)  # fmt: skip
+    _, stderr = run.communicate(timeout=120)
+    assert run.returncode == 1, stderr
+    assert "diverged at step 1: the loss is inf with --lr 1e+308" in stderr
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_mnist, tmp_path_factory) -> Path:
+    """A run whose only checkpoint is its end (6 steps, one epoch)."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    train(iters=6, batch_size=10, hidden=8, local=True, quiet=True, data_dir=str(tiny_mnist),
+          out=str(out))  # fmt: skip
+    assert checkpoint_steps(out) == [6]
+    return out
+
+
+def damaged_copy(finished_run: Path, tmp_path: Path, damage) -> Path:
+    out = tmp_path / "damaged"
+    shutil.copytree(finished_run, out)
+    data = checkpoints.directory(out) / "step-0000006.npz"
+    data.write_bytes(damage(data.read_bytes()))
+    return out
+
+
+def flip_a_byte(data: bytes) -> bytes:
+    return data[:100] + bytes([data[100] ^ 1]) + data[101:]
+
+
+BAD_INPUTS = {
+    "lr zero": (["--lr", "0"], "--lr 0.0 must be finite and > 0"),
+    "lr negative": (["--lr", "-1"], "--lr -1.0 must be finite and > 0"),
+    "lr not a number": (["--lr", "abc"], "argument --lr: invalid float value: 'abc'"),
+    "lr nan": (["--lr", "nan"], "--lr nan must be finite and > 0"),
+    "batch size 0": (["--batch-size", "0"], "argument --batch-size: 0 must be at least 1"),
+    "batch too large": (["--batch-size", "61"], "--batch-size 61 is larger than the training set"),
+    "iters 0": (["--iters", "0"], "argument --iters: 0 must be at least 1"),
+    "h zero": (["--h", "0"], "must be finite and > 0"),
+    "h negative": (["--h=-1e-4"], "must be finite and > 0"),
+    "workers 0": (["--workers", "0"], "argument --workers: 0 must be at least 1"),
+    "unknown engine": (["--engine", "slow"], "argument --engine: invalid choice: 'slow'"),
+    "data dir without MNIST": (["--data-dir", "{empty}"], "has no train-images-idx3-ubyte"),
+    "out is a file": (["--out", "{file}"], "is a file; give a folder"),
+    "resume without checkpoint": (["--resume", "{empty}"], "has no checkpoint"),
+    "resume bad checksum": (["--resume", "{flipped}"], "checksum does not match"),
+    "resume truncated": (["--resume", "{truncated}"], "checksum does not match"),
+    "resume other hidden": (
+        ["--resume", "{finished}", "--hidden", "20"],
+        "--hidden 20 does not match the run",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_one_line_exit_2_before_ray(case, tiny_mnist, finished_run, tmp_path):
+    args, expected = BAD_INPUTS[case]
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "a-file").write_text("not a folder")
+    places = {
+        "empty": tmp_path / "empty",
+        "file": tmp_path / "a-file",
+        "finished": finished_run,
+        "flipped": damaged_copy(finished_run, tmp_path / "f", flip_a_byte),
+        "truncated": damaged_copy(finished_run, tmp_path / "t", lambda d: d[: len(d) // 2]),
+    }
+    args = [a.format(**places) if a.startswith("{") else a for a in args]
+    if "--data-dir" not in args:
+        args += ["--data-dir", str(tiny_mnist)]
+    if "--out" not in args and "--resume" not in args:
+        args += ["--out", str(tmp_path / "out")]
+    run = start_train("--iters", "50", *args) if "--iters" not in args else start_train(*args)
+    _, stderr = run.communicate(timeout=60)
+    assert run.returncode == 2, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], stderr
+    assert "Traceback" not in stderr and "Token authentication" not in stderr  # Ray never began
