@@ -188,7 +188,14 @@ def test_quiet_and_not_a_terminal_prints_a_line_per_epoch(tiny_mnist, tmp_path):
 def test_unreachable_address_fails_fast(tiny_mnist, tmp_path):
     started = time.monotonic()
     run = distnum_train(
-        "--address", "127.0.0.1:9", "--data-dir", str(tiny_mnist), "--out", str(tmp_path / "x")
+        "--address",
+        "127.0.0.1:9",
+        "--batch-size",
+        "10",
+        "--data-dir",
+        str(tiny_mnist),
+        "--out",
+        str(tmp_path / "x"),
     )
     _, stderr = run.communicate(timeout=60)
     assert time.monotonic() - started < 30
