@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -28,7 +28,10 @@ def numerical_diff(f: Callable[[float], float], x: float, h: float = DEFAULT_H) 
 
 
 def central_differences(
-    f: Callable[[np.ndarray], float], x: np.ndarray, indices: Iterable[int], h: float = DEFAULT_H
+    f: Callable[[np.ndarray], float],
+    x: np.ndarray,
+    indices: Sequence[int] | np.ndarray,
+    h: float = DEFAULT_H,
 ) -> np.ndarray:
     """(f(x + h e_k) - f(x - h e_k)) / 2h for each flat index k of x, in the order given.
 
@@ -41,7 +44,7 @@ def central_differences(
     flat_x = x.reshape(-1)
     if not np.shares_memory(flat_x, x):
         raise ValueError("x must be contiguous, so that it can be nudged in place")
-    indices = np.asarray(list(indices) if not isinstance(indices, np.ndarray) else indices)
+    indices = np.asarray(indices, dtype=np.intp)
     grad = np.empty(indices.size, dtype=np.float64)
     for position, k in enumerate(indices):
         original = flat_x[k]

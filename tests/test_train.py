@@ -30,36 +30,16 @@ def distnum_train(*args: str, **popen) -> subprocess.Popen:
 
 
 def test_same_bits_with_any_worker_count_and_without_ray(ray_session, mnist_dir, tmp_path):
-    runs = {}
-    for workers in (1, 2, 3):
-        runs[workers] = train(
-            iters=20,
-            workers=workers,
-            seed=5,
-            data_dir=str(mnist_dir),
-            out=str(tmp_path / f"w{workers}"),
-            quiet=True,
-        )
-    local = train(
-        iters=20,
-        local=True,
-        seed=5,
-        data_dir=str(mnist_dir),
-        out=str(tmp_path / "local"),
-        quiet=True,
-    )
+    def run(name: str, seed: int = 5, **options) -> dict:
+        return train(iters=20, seed=seed, data_dir=str(mnist_dir), out=str(tmp_path / name),
+                     quiet=True, **options)  # fmt: skip
+
+    runs = {workers: run(f"w{workers}", workers=workers) for workers in (1, 2, 3)}
+    local = run("local", local=True)
     digests = {summary["params_sha256"] for summary in [*runs.values(), local]}
     assert len(digests) == 1, digests
     assert runs[3]["workers"] == 3 and sum(runs[3]["actors_per_node"].values()) == 3
-    other_seed = train(
-        iters=20,
-        local=True,
-        seed=6,
-        data_dir=str(mnist_dir),
-        out=str(tmp_path / "seed6"),
-        quiet=True,
-    )
-    assert other_seed["params_sha256"] not in digests
+    assert run("seed6", seed=6, local=True)["params_sha256"] not in digests
 
 
 def test_outputs(ray_session, tiny_mnist, tmp_path):
