@@ -16,51 +16,25 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import psutil
 import pytest
+from run_helpers import (
+    TINY,
+    checkpoint_steps,
+    gradient_worker_processes,
+    kill_leftovers,
+    newest_checkpoint,
+    reference_sha,
+    start_train,
+    summary_of,
+    wait_until,
+)
 
 from distnum import checkpoint as checkpoints
 from distnum.training import Diverged, train
-
-TINY = ["--batch-size", "10", "--hidden", "8"]  # 60 training images: an epoch is 6 steps
-
-
-def reference_sha(tiny_mnist: Path, tmp_path: Path, iters: int, **options) -> str:
-    """params_sha256 of the same run done in one go, in this process, without Ray."""
-    summary = train(iters=iters, batch_size=10, hidden=8, local=True, quiet=True,
-                    data_dir=str(tiny_mnist), out=str(tmp_path / f"reference-{iters}"),
-                    **options)  # fmt: skip
-    return summary["params_sha256"]
-
-
-def start_train(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "distnum", "train", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-
-
-def wait_until(condition, timeout_s: float, process: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if process is not None and process.poll() is not None:
-            raise AssertionError(f"the run ended early: {process.communicate()}")
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out")
-        time.sleep(0.1)
-
-
-def checkpoint_steps(out: Path) -> list[int]:
-    return sorted(int(p.stem.split("-")[1]) for p in checkpoints.directory(out).glob("*.json"))
-
-
-def summary_of(out: Path) -> dict:
-    return json.loads((out / "summary.json").read_text())
-
 
 # --- checkpoints and resume ---------------------------------------------------------------
 
@@ -113,26 +87,11 @@ def test_a_damaged_newest_checkpoint_is_skipped(tiny_mnist, tmp_path, capsys):
     resumed = train(iters=20, resume=True, local=True, quiet=True, data_dir=str(tiny_mnist),
                     out=str(out))  # fmt: skip
     assert resumed["resumed_from_step"] == 10
-    assert "skipping a damaged checkpoint" in capsys.readouterr().err
+    assert "skipped 1 newer" in capsys.readouterr().err
     assert resumed["params_sha256"] == reference_sha(tiny_mnist, tmp_path, 20)
 
 
 # --- processes killed ------------------------------------------------------------------------
-
-
-def gradient_worker_processes(driver: psutil.Process) -> list[psutil.Process]:
-    return [p for p in driver.children(recursive=True)
-            if any("GradientWorker" in part for part in p.cmdline())]  # fmt: skip
-
-
-def kill_leftovers(processes: list[psutil.Process]) -> None:
-    """End what a SIGKILLed driver could not (its local Ray), so no test leaves processes."""
-    for process in processes:
-        try:
-            process.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(processes, timeout=30)
 
 
 def test_a_killed_worker_is_replaced_and_its_step_redone(tiny_mnist, tmp_path):
@@ -163,8 +122,8 @@ def test_beyond_the_restarts_a_clear_error_and_the_checkpoint_kept(tiny_mnist, t
     assert run.returncode == 1, stderr
     assert "more than --max-worker-restarts 0" in stderr
     assert len(stderr.strip().splitlines()[-1]) > 0
-    saved, skipped = checkpoints.newest(out)
-    assert saved.step >= 6 and skipped == []
+    saved, note = newest_checkpoint(out)
+    assert saved.step >= 6 and note is None
 
 
 def test_driver_killed_with_sigkill_then_resume(tiny_mnist, tmp_path):
@@ -193,13 +152,13 @@ def test_driver_killed_with_sigkill_then_resume(tiny_mnist, tmp_path):
 def test_divergence_stops_at_the_step_and_keeps_the_last_good_checkpoint(tiny_mnist, tmp_path):
     out = tmp_path / "run"
     # 3e307: the parameters grow for a few steps, then the logits overflow
-    with pytest.raises(Diverged, match=r"diverged at step (\d+): the loss is inf with --lr 3e\+307"
+    with pytest.raises(Diverged, match=r"diverged at step (\d+): the loss is inf with lr=3e\+307"
                        ) as failure:  # fmt: skip
         train(iters=100, lr=3e307, checkpoint_every=1, batch_size=10, hidden=8, local=True,
               quiet=True, data_dir=str(tiny_mnist), out=str(out))  # fmt: skip
     step = int(str(failure.value).split()[3].rstrip(":"))
-    saved, skipped = checkpoints.newest(out)
-    assert skipped == [] and saved.step == step - 1 > 0
+    saved, note = newest_checkpoint(out)
+    assert note is None and saved.step == step - 1 > 0
     assert np.isfinite(saved.flat_params).all()
     assert f"last good checkpoint: step {step - 1}" in str(failure.value)
 
@@ -238,15 +197,15 @@ def flip_a_byte(data: bytes) -> bytes:
 
 
 BAD_INPUTS = {
-    "lr zero": (["--lr", "0"], "--lr 0.0 must be finite and > 0"),
-    "lr negative": (["--lr", "-1"], "--lr -1.0 must be finite and > 0"),
+    "lr zero": (["--lr", "0"], "--lr 0.0 must be finite, > 0"),
+    "lr negative": (["--lr", "-1"], "--lr -1.0 must be finite, > 0"),
     "lr not a number": (["--lr", "abc"], "argument --lr: invalid float value: 'abc'"),
-    "lr nan": (["--lr", "nan"], "--lr nan must be finite and > 0"),
+    "lr nan": (["--lr", "nan"], "--lr nan must be finite, > 0"),
     "batch size 0": (["--batch-size", "0"], "argument --batch-size: 0 must be at least 1"),
     "batch too large": (["--batch-size", "61"], "--batch-size 61 is larger than the training set"),
     "iters 0": (["--iters", "0"], "argument --iters: 0 must be at least 1"),
-    "h zero": (["--h", "0"], "must be finite and > 0"),
-    "h negative": (["--h=-1e-4"], "must be finite and > 0"),
+    "h zero": (["--h", "0"], "--h 0.0 must be finite, > 0 and <= 1"),
+    "h negative": (["--h=-1e-4"], "--h -0.0001 must be finite, > 0 and <= 1"),
     "workers 0": (["--workers", "0"], "argument --workers: 0 must be at least 1"),
     "unknown engine": (["--engine", "slow"], "argument --engine: invalid choice: 'slow'"),
     "data dir without MNIST": (["--data-dir", "{empty}"], "has no train-images-idx3-ubyte"),
