@@ -8,12 +8,7 @@ import os
 import sys
 import traceback
 
-import numpy as np
-
-from distnum.data import DataError, load_mnist
-from distnum.engines import ENGINES
-from distnum.gradient import DEFAULT_H, check_h
-from distnum.training import DEFAULTS
+from distnum.stopping import StopRequests
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -50,6 +45,8 @@ positive_int = whole_number(1)
 
 
 def step_size(text: str) -> float:
+    from distnum.gradient import check_h
+
     try:
         return check_h(text)
     except ValueError as error:
@@ -65,7 +62,7 @@ def add_batch_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=100)
     parser.add_argument("--hidden", type=positive_int, default=50, help="hidden units")
     parser.add_argument("--seed", type=whole_number(0), default=0, help="weights and batch")
-    parser.add_argument("--h", type=step_size, default=DEFAULT_H, help="the nudge (1e-4)")
+    parser.add_argument("--h", type=step_size, default=1e-4, help="the nudge")
     parser.add_argument(
         "--train-steps",
         type=int,
@@ -76,6 +73,10 @@ def add_batch_options(parser: argparse.ArgumentParser) -> None:
 
 def real_batch(args: argparse.Namespace):
     """x (B, 784), labels (B,) drawn from the training set, and the training set."""
+    import numpy as np
+
+    from distnum.data import DataError, load_mnist
+
     (x_train, t_train), _ = load_mnist(data_dir=args.data_dir)
     if args.batch_size > len(x_train):
         raise DataError(
@@ -88,6 +89,8 @@ def real_batch(args: argparse.Namespace):
 
 
 def run_gradcheck(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from distnum.gradcheck import compare, train_with_backprop
     from distnum.models import TwoLayerNet
 
@@ -213,6 +216,9 @@ def run_plot(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from distnum.engines import ENGINES
+    from distnum.training import DEFAULTS
+
     parser = OneLineParser(
         prog="distnum",
         description="Exact central-difference gradients for the chapter-4 network.",
@@ -325,20 +331,32 @@ def build_parser() -> argparse.ArgumentParser:
 def run(argv: list[str] | None = None) -> int:
     """The command's exit status: 0 done, 1 the run failed (its last checkpoint kept), 2 bad
     input (nothing started), 130 stopped by Ctrl-C or SIGTERM (a checkpoint written)."""
+    # the handlers go first, before the imports that take seconds: from here on a signal
+    # stops a training run at a step boundary, and a signal after the run has written its
+    # outputs (its own handlers gone) is too late to stop it and must not kill the process
+    with StopRequests() as early:
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as exit:  # --help, or a usage error already printed
+            return exit.code if isinstance(exit.code, int) else 2
+        if args.command == "train":
+            return outcome(args)
+        if early.signal_name:
+            print(f"distnum: stopped by {early.signal_name}", file=sys.stderr)
+            return 130
+    return outcome(args)  # the other commands stop at Ctrl-C at once
+
+
+def outcome(args: argparse.Namespace) -> int:
+    """args.run(args)'s exit status, each way it can end as one line on stderr."""
     from distnum.checkpoint import CheckpointError
+    from distnum.data import DataError
     from distnum.run_folder import OutputError, RunFolderError
-    from distnum.training import ConfigError, Diverged, Interrupted, StopRequests, command_line
+    from distnum.training import ConfigError, Diverged, Interrupted, command_line
 
     command_line.set(True)
     try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as exit:  # --help, or a usage error already printed
-        return exit.code if isinstance(exit.code, int) else 2
-    try:
-        # a signal after the run has written its outputs (its own handlers gone) is too
-        # late to stop it: the run is complete, and the process must not die of it
-        with StopRequests():
-            return args.run(args)
+        return args.run(args)
     except (ConfigError, RunFolderError, CheckpointError, DataError, ConnectionError) as error:
         print(f"distnum: error: {error}", file=sys.stderr)
         return 2

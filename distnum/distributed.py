@@ -297,7 +297,7 @@ def init_keeping_sigterm_handler(**options) -> None:
     finally:
         utils.set_sigterm_handler = set_handler
         signal.signal(signal.SIGTERM, ours)
-        signal.siginterrupt(signal.SIGTERM, False)
+        signal.siginterrupt(signal.SIGTERM, False)  # as StopRequests sets it
 
 
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:

@@ -22,9 +22,7 @@ import math
 import numbers
 import os
 import re
-import signal
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -42,6 +40,7 @@ from distnum.engines.base import one_blas_thread
 from distnum.gradient import DEFAULT_H
 from distnum.models import PARAM_NAMES, TwoLayerNet
 from distnum.run_folder import OutputError, RunFolder, RunFolderError
+from distnum.stopping import StopRequests
 
 # the run's own settings: a resumed run keeps them; None in TrainConfig means "not given"
 DEFAULTS = {"iters": 10000, "batch_size": 100, "lr": 0.1, "hidden": 50,
@@ -195,37 +194,6 @@ def resolved(config: TrainConfig, saved: checkpoints.Checkpoint | None,
             f"{option('iters', config.iters)}; give a larger one or leave it out"
         )
     return config
-
-
-class StopRequests:
-    """Ctrl-C (SIGINT) or SIGTERM asks the run to stop at the next step boundary, so that no
-    Ray call is cut in half and a checkpoint can be written; a second one stops at once.
-    Held from the start of a run until its outputs are written."""
-
-    def __init__(self) -> None:
-        self.signal_name: str | None = None
-        self.previous: dict[int, object] = {}
-
-    def __enter__(self) -> StopRequests:
-        if threading.current_thread() is threading.main_thread():
-            for number in (signal.SIGINT, signal.SIGTERM):
-                self.previous[number] = signal.signal(number, self.request)
-                outer = getattr(self.previous[number], "__self__", None)
-                if isinstance(outer, StopRequests) and outer.signal_name:  # the CLI's
-                    self.signal_name = outer.signal_name
-                # restart interrupted system calls: Ray's C++ (its GCS client during
-                # ray.init) fails on EINTR, and leaves the start hanging
-                signal.siginterrupt(number, False)
-        return self
-
-    def request(self, number: int, frame: object) -> None:
-        if self.signal_name is not None:
-            raise KeyboardInterrupt
-        self.signal_name = signal.Signals(number).name
-
-    def __exit__(self, *exc_info: object) -> None:
-        for number, handler in self.previous.items():
-            signal.signal(number, handler)
 
 
 class Progress:
