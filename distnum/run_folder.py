@@ -36,6 +36,7 @@ class RunFolder:
     def __init__(self, out: Path) -> None:
         self.out = Path(out)
         self.lock_fd: int | None = None
+        self.made = False  # whether claim() created OUT
 
     def claim(self) -> None:
         """Create OUT if needed and take its lock; RunFolderError when OUT cannot be written
@@ -44,6 +45,7 @@ class RunFolder:
         try:
             if self.out.exists() and not self.out.is_dir():
                 raise RunFolderError(f"{self.out} is a file; give a folder")
+            self.made = not self.out.exists()
             self.out.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.out / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as error:
@@ -64,9 +66,16 @@ class RunFolder:
         self.lock_fd = fd
 
     def release(self) -> None:
-        if self.lock_fd is not None:
-            os.close(self.lock_fd)  # closing the file releases the lock
-            self.lock_fd = None
+        """Give up the lock; a folder this claim made and nothing was written into goes
+        too, so that a run refused at the start leaves nothing behind."""
+        if self.lock_fd is None:
+            return
+        lock = self.out / LOCK_NAME
+        if self.made and [p.name for p in self.out.iterdir()] == [LOCK_NAME]:
+            lock.unlink()
+            self.out.rmdir()
+        os.close(self.lock_fd)  # closing the file releases the lock
+        self.lock_fd = None
 
     def run_files(self) -> list[Path]:
         """The files of a run in OUT, as distnum names them."""

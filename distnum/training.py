@@ -96,7 +96,10 @@ def option(name: str, value: object = ...) -> str:
     command_line), `batch_size=100` in Python."""
     if command_line.get():
         flag = "--" + name.replace("_", "-")
-        return flag if value is ... else f"{flag} {value}"
+        if value is ...:
+            return flag
+        quoted = isinstance(value, str) and (" " in value or not value)
+        return f"{flag} {value!r}" if quoted else f"{flag} {value}"
     return f"{name}=" if value is ... else f"{name}={value!r}"
 
 
@@ -147,12 +150,13 @@ def check_config(config: TrainConfig) -> None:
 
 def check_address(address: str | None) -> None:
     """The Ray address given, or else RAY_ADDRESS, must look like one."""
-    source = option("address")
-    if address is None:
-        address, source = os.environ.get("RAY_ADDRESS") or None, "RAY_ADDRESS"
+    given = address is not None
+    if not given:
+        address = os.environ.get("RAY_ADDRESS") or None
     if address is not None and not RAY_ADDRESS.fullmatch(address):
+        source = option("address", address) if given else f"RAY_ADDRESS={address!r}"
         raise ConfigError(
-            f"{source} {address!r} is not a Ray address; give host:port, "
+            f"{source} is not a Ray address; give host:port, "
             "ray://host:port or auto, or leave it out to run Ray on this machine"
         )
 
@@ -220,11 +224,18 @@ class Progress:
 
 class Metrics:
     """The loss and seconds of every step and the accuracies of every evaluation: kept for
-    the checkpoints, and written to metrics.jsonl as they come."""
+    the checkpoints, and written to metrics.jsonl as they come, from start() on (a run that
+    fails before it starts leaves no file)."""
 
     def __init__(self, path: Path, losses: list, seconds: list, epochs: list) -> None:
+        self.path = path
         self.losses, self.seconds, self.epochs = list(losses), list(seconds), list(epochs)
-        self.file = open(path, "w")  # rewritten from the checkpoint: no steps after it
+        self.file = None
+
+    def start(self) -> None:
+        """Write the file anew from what is kept: a resumed run's has no step after its
+        checkpoint."""
+        self.file = open(self.path, "w")
         for step, (loss, step_s) in enumerate(zip(self.losses, self.seconds, strict=True), 1):
             self._write({"step": step, "loss": loss, "seconds": step_s})
         for step, epoch, train_acc, test_acc in self.epochs:
@@ -246,8 +257,12 @@ class Metrics:
                      "test_acc": test_acc})  # fmt: skip
         self.file.flush()
 
+    def flush(self) -> None:
+        if self.file is not None:
+            self.file.flush()
+
     def close(self) -> None:
-        if not self.file.closed:
+        if self.file is not None:
             self.file.close()
 
 
@@ -326,10 +341,12 @@ class Run:
             raise ConfigError(f"{option('batch_size', config.batch_size)} is larger than the "
                               f"training set ({len(self.x_train)} images)")  # fmt: skip
         weight_rng, self.batch_rng = seeded_rngs(config.seed)
-        self.net = TwoLayerNet(self.x_train.shape[1], config.hidden, 10,
-                               config.weight_init_std, weight_rng)  # fmt: skip
+        with np.errstate(over="ignore"):  # check_start says what overflowed, in one line
+            self.net = TwoLayerNet(self.x_train.shape[1], config.hidden, 10,
+                                   config.weight_init_std, weight_rng)  # fmt: skip
         if saved is None:
-            self.check_start(self.net)
+            with np.errstate(over="ignore", invalid="ignore"):
+                self.check_start(self.net)
         else:
             if saved.flat_params.shape != self.net.flat_params.shape:
                 raise checkpoints.CheckpointError(
@@ -389,7 +406,7 @@ class Run:
         if self.stop.signal_name is None:
             return
         if self.last_checkpoint != f"step {self.step}":
-            self.metrics.file.flush()
+            self.metrics.flush()
             self.save_checkpoint()
         raise Interrupted(
             f"stopped by {self.stop.signal_name} at step {self.step} of {self.config.iters}; "
@@ -490,7 +507,13 @@ class Run:
 def make_gradient(run: Run):
     """LocalGradient, or ShardedGradient over Ray (connecting first); and whether this call
     started Ray (so must shut it down)."""
-    from distnum.distributed import LocalGradient, ShardedGradient, connect, default_workers
+    from distnum.distributed import (
+        LocalGradient,
+        ShardedGradient,
+        connect,
+        default_workers,
+        worker_count_note,
+    )
 
     config, net = run.config, run.net
     if config.local:
@@ -498,6 +521,12 @@ def make_gradient(run: Run):
     owns_ray = connect(config.address)
     try:
         workers = config.workers or default_workers()
+        try:
+            note = worker_count_note(workers, net.layout)
+        except ValueError as error:
+            raise ConfigError(f"{option('workers', workers)}: {error}") from None
+        if note:
+            print(f"distnum: {note}", file=sys.stderr)
         gradient = ShardedGradient(net.layout, config.engine, config.h, run.x_train,
                                    run.t_train, workers, config.max_worker_restarts)  # fmt: skip
     except BaseException:
@@ -542,6 +571,9 @@ def finish(run: Run) -> dict:
     first_step = run.step
     if first_step == config.iters:  # a finished run resumed: its outputs made again
         summary = run.summary(first_step, {"local": config.local}, 0.0, 0.0)
+        if not run.metrics.path.exists():
+            with writing(run.out, run.last_checkpoint):
+                run.metrics.start()
         written = run.write_outputs(summary, only_missing=True)
         outputs = f"wrote its missing {', '.join(written)}" if written else "its outputs are there"
         print(f"the run in {run.out} is complete at step {run.step}: {outputs}; give a larger "
@@ -562,6 +594,8 @@ def finish(run: Run) -> dict:
                 run.stop_if_asked()  # Ray's start cut short by the stop: report the stop
                 raise
             run.stop_if_asked()
+            with writing(run.out, run.last_checkpoint):
+                run.metrics.start()
             loop_started = time.perf_counter()
             compute_s = run.loop(gradient, progress)
             loop_s = time.perf_counter() - loop_started

@@ -14,6 +14,7 @@ Bad inputs tried (each a one-line error, exit status 2, before Ray starts):
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 from pathlib import Path
@@ -178,8 +179,8 @@ def test_divergence_from_the_command_line(tiny_mnist, tmp_path):
 def finished_run(tiny_mnist, tmp_path_factory) -> Path:
     """A run whose only checkpoint is its end (6 steps, one epoch)."""
     out = tmp_path_factory.mktemp("finished") / "run"
-    train(iters=6, batch_size=10, hidden=8, local=True, quiet=True, data_dir=str(tiny_mnist),
-          out=str(out))  # fmt: skip
+    train(iters=6, batch_size=10, hidden=8, lr=0.5, local=True, quiet=True,
+          data_dir=str(tiny_mnist), out=str(out))  # fmt: skip
     assert checkpoint_steps(out) == [6]
     return out
 
@@ -217,12 +218,39 @@ BAD_INPUTS = {
         ["--resume", "{finished}", "--hidden", "20"],
         "--hidden 20 does not match the run",
     ),
+    "resume lr given as the default": (
+        ["--resume", "{finished}", "--lr", "0.1"],
+        "--lr 0.1 does not match the run",
+    ),
+    "resume overwrite too": (
+        ["--resume", "{finished}", "--overwrite"],
+        "--resume and --overwrite contradict each other",
+    ),
+    "seed negative": (["--seed", "-1"], "argument --seed: -1 must be at least 0"),
+    "h huge": (["--h", "1e10"], "--h 10000000000.0 must be finite, > 0 and <= 1"),
+    "h vanishing": (["--h", "1e-300"], "--h 1e-300 vanishes next to weights of size"),
+    "weight init nan": (["--weight-init-std", "nan"], "--weight-init-std nan must be finite"),
+    "weight init overflowing": (
+        ["--weight-init-std", "1e308"],
+        "--weight-init-std 1e+308 makes the initial weights or loss overflow",
+    ),
+    "out holding a run": (["--out", "{finished}"], "holds a run already; go on with it with"),
+    "RAY_ADDRESS garbage": (
+        [],
+        "RAY_ADDRESS='garbage' is not a Ray address",
+        {"RAY_ADDRESS": "garbage"},
+    ),
+    "address garbage": (["--address", "not an address"], "--address 'not an address' is not"),
+    "ray client host unknown": (
+        ["--address", "ray://nohost.invalid:10001"],
+        "cannot reach a Ray cluster at nohost.invalid:10001",
+    ),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_is_one_line_exit_2_before_ray(case, tiny_mnist, finished_run, tmp_path):
-    args, expected = BAD_INPUTS[case]
+    args, expected, *env = BAD_INPUTS[case]
     (tmp_path / "empty").mkdir()
     (tmp_path / "a-file").write_text("not a folder")
     places = {
@@ -233,13 +261,18 @@ def test_bad_input_is_one_line_exit_2_before_ray(case, tiny_mnist, finished_run,
         "truncated": damaged_copy(finished_run, tmp_path / "t", lambda d: d[: len(d) // 2]),
     }
     args = [a.format(**places) if a.startswith("{") else a for a in args]
+    if "--resume" not in args and "--batch-size" not in args:
+        args += TINY
     if "--data-dir" not in args:
         args += ["--data-dir", str(tiny_mnist)]
     if "--out" not in args and "--resume" not in args:
         args += ["--out", str(tmp_path / "out")]
-    run = start_train("--iters", "50", *args) if "--iters" not in args else start_train(*args)
+    env = {**os.environ, **(env[0] if env else {})}
+    iters = ["--iters", "50"] if "--iters" not in args and "--resume" not in args else []
+    run = start_train(*iters, *args, env=env)
     _, stderr = run.communicate(timeout=60)
     assert run.returncode == 2, stderr
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0], stderr
     assert "Traceback" not in stderr and "Token authentication" not in stderr  # Ray never began
+    assert "RAY_AUTH_MODE" not in stderr  # no token hint where tokens are not the problem

@@ -486,3 +486,41 @@ def test_a_local_run_says_it_ran_in_this_process(tiny_mnist, tmp_path):
     assert stdout.startswith("resumed from step 7 of 10")
     assert "done: 3 steps" in stdout and "resumed from step 7" in stdout
     assert summary_of(out)["steps_run"] == 3
+
+
+# --- bad arguments from Python: the same checks, named as Python names them ------------------
+
+API_BAD_INPUTS = {
+    "lr a string": ({"lr": "0.1"}, "lr='0.1' is not a number"),
+    "seed a string": ({"seed": "0"}, "seed='0' must be a whole number >= 0"),
+    "seed negative": ({"seed": -1}, "seed=-1 must be a whole number >= 0"),
+    "iters a float": ({"iters": 1.5}, "iters=1.5 must be a whole number >= 1"),
+    "batch_size a bool": ({"batch_size": True}, "batch_size=True must be a whole number"),
+    "workers 0": ({"workers": 0}, "workers=0 must be a whole number >= 1"),
+    "h huge": ({"h": 1e10}, "h=10000000000.0 must be finite, > 0 and <= 1"),
+    "weight_init_std nan": ({"weight_init_std": float("nan")}, "weight_init_std=nan must be"),
+    "engine unknown": ({"engine": "slow"}, "engine='slow' is unknown; choose one of fast, full"),
+    "data_dir a number": ({"data_dir": 5}, "data_dir=5 must be a path or a string"),
+    "address garbage": ({"address": "garbage"}, "address='garbage' is not a Ray address"),
+    "resume and overwrite": ({"resume": True, "overwrite": True}, "resume= and overwrite="),
+}
+
+
+@pytest.mark.parametrize("case", list(API_BAD_INPUTS))
+def test_bad_arguments_from_python_fail_before_anything(case, tmp_path):
+    options, expected = API_BAD_INPUTS[case]
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError) as failure:
+        train(**{"iters": 5, "out": str(out), **options})
+    assert expected in str(failure.value) and "--" not in str(failure.value)
+    assert not out.exists()  # checked before the folder, the data or Ray
+
+
+def test_too_many_workers_for_the_clusters_memory_is_refused(tiny_mnist, tmp_path):
+    status, _, stderr = finish(start_train("--workers", "100000", "--iters", "3", "--data-dir",
+                                           str(tiny_mnist), "--out", str(tmp_path / "run"),
+                                           *TINY))  # fmt: skip
+    assert status == 2, stderr
+    line = one_line(stderr)
+    assert "--workers 100000: 100000 worker actors need about" in line and "give at most" in line
+    assert not (tmp_path / "run").exists()  # a refused run leaves nothing behind
