@@ -83,3 +83,19 @@ def alive(processes: list[psutil.Process]) -> list[psutil.Process]:
 def newest_checkpoint(out: Path) -> tuple[checkpoints.Checkpoint, str | None]:
     """The checkpoint `--resume out` would go on from, and its note on skipped files."""
     return checkpoints.Checkpoints(out, run_id="").newest(lambda c: check_settings(c.settings))
+
+
+def descendants(run: subprocess.Popen) -> list[psutil.Process]:
+    try:
+        return psutil.Process(run.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def assert_nothing_left(processes: list[psutil.Process]) -> None:
+    deadline = time.monotonic() + 20
+    while alive(processes) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    leftover = alive(processes)
+    kill_leftovers(leftover)
+    assert not leftover, [p.name() for p in leftover]

@@ -23,10 +23,10 @@ import pytest
 from idx_files import write_fake_mnist
 from run_helpers import (
     TINY,
-    alive,
+    assert_nothing_left,
     checkpoint_steps,
+    descendants,
     gradient_worker_processes,
-    kill_leftovers,
     newest_checkpoint,
     reference_sha,
     start_train,
@@ -203,22 +203,6 @@ def test_a_failed_train_leaves_the_callers_process_as_it_found_it(tiny_mnist, tm
 
 
 # --- stops at awkward moments ------------------------------------------------------------
-
-
-def descendants(run: subprocess.Popen) -> list[psutil.Process]:
-    try:
-        return psutil.Process(run.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
-
-
-def assert_nothing_left(processes: list[psutil.Process]) -> None:
-    deadline = time.monotonic() + 20
-    while alive(processes) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    leftover = alive(processes)
-    kill_leftovers(leftover)
-    assert not leftover, [p.name() for p in leftover]
 
 
 @pytest.mark.parametrize("delay_s", [0.0, 0.02, 0.2])
