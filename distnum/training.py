@@ -14,7 +14,6 @@ last checkpoint). `--resume` finishes each of them.
 
 from __future__ import annotations
 
-import contextvars
 import hashlib
 import io
 import json
@@ -39,6 +38,7 @@ from distnum.engines import ENGINES, EngineFactory
 from distnum.engines.base import one_blas_thread
 from distnum.gradient import DEFAULT_H
 from distnum.models import PARAM_NAMES, TwoLayerNet
+from distnum.options import option
 from distnum.run_folder import OutputError, RunFolder, RunFolderError
 from distnum.stopping import StopRequests
 
@@ -84,23 +84,6 @@ class Diverged(RuntimeError):
 
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C or SIGTERM; the message names the step, the checkpoint and how to go on."""
-
-
-# --- options, named as the user gave them ------------------------------------------------
-
-command_line = contextvars.ContextVar("command_line", default=False)
-
-
-def option(name: str, value: object = ...) -> str:
-    """An option as the user wrote it: `--batch-size 100` for the command line (the CLI sets
-    command_line), `batch_size=100` in Python."""
-    if command_line.get():
-        flag = "--" + name.replace("_", "-")
-        if value is ...:
-            return flag
-        quoted = isinstance(value, str) and (" " in value or not value)
-        return f"{flag} {value!r}" if quoted else f"{flag} {value}"
-    return f"{name}=" if value is ... else f"{name}={value!r}"
 
 
 def check_config(config: TrainConfig) -> None:
