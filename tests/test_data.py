@@ -284,7 +284,7 @@ def test_offline_message_names_places_and_fix(isolated_cache, monkeypatch):
         load_mnist()
     message = str(failure.value)
     assert "\n" not in message
-    for part in ("DISTNUM_DATA", str(isolated_cache), "cannot connect", "--data-dir"):
+    for part in ("DISTNUM_DATA", str(isolated_cache), "cannot connect", "data_dir="):
         assert part in message
     assert_cache_empty(isolated_cache)
 
