@@ -287,7 +287,7 @@ class Run:
     def __init__(self, config: TrainConfig, folder: RunFolder, stop: StopRequests) -> None:
         self.folder, self.out, self.stop = folder, folder.out, stop
         self.started = time.perf_counter()
-        out = folder.out
+        out = self.out
         self.checkpoints = checkpoints.Checkpoints(out, uuid.uuid4().hex)
         self.saved = None
         if config.resume:
@@ -318,8 +318,8 @@ class Run:
         self.data_sha256 = data_sha256(self.x_train, self.t_train, self.x_test, self.t_test)
         if saved is not None and saved.data_sha256 != self.data_sha256:
             raise ConfigError(f"the run in {self.out} learned from other data than "
-                              f"{option('data_dir', config.data_dir)} holds; give the data it "
-                              "was started with")  # fmt: skip
+                              f"{self.data_dir} holds; give the data it was started with as "
+                              f"{option('data_dir', saved.data_dir)}")  # fmt: skip
         if config.batch_size > len(self.x_train):
             raise ConfigError(f"{option('batch_size', config.batch_size)} is larger than the "
                               f"training set ({len(self.x_train)} images)")  # fmt: skip
