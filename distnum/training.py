@@ -577,6 +577,9 @@ def finish(run: Run) -> dict:
                 run.stop_if_asked()  # Ray's start cut short by the stop: report the stop
                 raise
             run.stop_if_asked()
+            if gradient.actors_per_node:  # where the actors run, for a job's logs
+                nodes = ", ".join(f"{node}: {n}" for node, n in gradient.actors_per_node.items())
+                progress.line(f"{gradient.num_workers} worker actors; per node: {nodes}")
             with writing(run.out, run.last_checkpoint):
                 run.metrics.start()
             loop_started = time.perf_counter()
