@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -57,6 +58,15 @@ def auth_token() -> str:
         os.environ.get("RAY_AUTH_TOKEN")
         or run([ray_command(), "get-auth-token", "--generate"]).strip()
     )
+
+
+def free_port() -> int:
+    """A port free now on this machine: each node's agent needs its own (Ray's default,
+    52365, is taken by the first node, or by another Ray here, and then the job agent of
+    the head never starts: "No available agent to submit job")."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def session_name(temp_dir: Path) -> str:
@@ -114,7 +124,7 @@ def start(head_cpus: int, worker_cpus: list[int], port: int, dashboard_port: int
         ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
         f"--num-cpus={head_cpus}", "--dashboard-host=127.0.0.1",
         f"--dashboard-port={dashboard_port}", f"--temp-dir={temp_dir}",
-        "--disable-usage-stats",
+        f"--dashboard-agent-listen-port={free_port()}", "--disable-usage-stats",
     ])  # fmt: skip
     info = {
         "address": address,
@@ -126,7 +136,8 @@ def start(head_cpus: int, worker_cpus: list[int], port: int, dashboard_port: int
     (state / "cluster.json").write_text(json.dumps(info, indent=2))
     for cpus in worker_cpus:
         run([ray, "start", f"--address={address}", "--node-ip-address=127.0.0.1",
-             f"--num-cpus={cpus}", "--disable-usage-stats"])  # fmt: skip
+             f"--num-cpus={cpus}", f"--dashboard-agent-listen-port={free_port()}",
+             "--disable-usage-stats"])  # fmt: skip
     deadline = time.monotonic() + 60
     while alive_nodes(address) < info["nodes"]:
         if time.monotonic() > deadline:

@@ -8,7 +8,7 @@ import json
 import math
 import os
 import shlex
-import socket
+import shutil
 import subprocess
 import sys
 import time
@@ -25,23 +25,18 @@ local_cluster = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(local_cluster)
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def cluster():
     """A head and one worker node of 1 CPU each, stopped at the end, leaving no process."""
     state = Path(f"/tmp/distnum-test-{os.getpid()}")
-    info = local_cluster.start(1, [1], free_port(), free_port(), state)
+    info = local_cluster.start(1, [1], local_cluster.free_port(), local_cluster.free_port(), state)
     try:
         yield info
     finally:
         local_cluster.stop(state)
         port = int(info["address"].rpartition(":")[2])
         assert local_cluster.cluster_processes(info["session"], port) == []
+        shutil.rmtree(state)
 
 
 @pytest.fixture
