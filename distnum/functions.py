@@ -131,13 +131,21 @@ def softmax_cross_entropy_per_sample(logits: np.ndarray, labels: np.ndarray) -> 
 
 @numba.njit(**JIT)
 def _mean(values):
+    """The mean of values (N,) in index order, the sum compensated (Neumaier): a central
+    difference of two batch losses would show the rounding error of a plain sum of N."""
     total = 0.0
+    lost = 0.0  # what the additions to total have rounded away
     for value in values:
-        total += value
-    return total / values.size
+        new_total = total + value
+        if abs(total) >= abs(value):
+            lost += (total - new_total) + value
+        else:
+            lost += (value - new_total) + total
+        total = new_total
+    return (total + lost) / values.size
 
 
 def softmax_cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
     """Mean softmax cross-entropy of logits (N, K) against labels, indices (N,) or one-hot:
-    the per-sample losses added in sample order, divided by N."""
+    the per-sample losses added in sample order (compensated), divided by N."""
     return float(_mean(softmax_cross_entropy_per_sample(logits, labels)))
