@@ -4,7 +4,8 @@ sigmoid, softmax and the softmax cross-entropy are the network's own arithmetic:
 loops over the exp and log of distnum/vecmath.py, in one fixed order, so that they give the
 same bits on every CPU (numpy picks its exp, and the order of its sums, per CPU).
 `softmax_cross_entropy_per_sample` is the one definition of the network's loss: the loss of
-TwoLayerNet, its backprop, the full engine and the fast engine all come from it.
+TwoLayerNet, its backprop and the full engine come from it, and the fast engine evaluates
+the same formula on its nudged logits, from the same shifted_logits.
 """
 
 from __future__ import annotations
@@ -56,11 +57,18 @@ def _softmax(logits):
     return out
 
 
+def rows_of_logits(x: np.ndarray) -> np.ndarray:
+    """x (K,) or (N, K), K >= 1, as a C-contiguous float64 array (N, K) for the kernels."""
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim not in (1, 2) or x.shape[-1] == 0:
+        raise ValueError(f"logits of shape {x.shape}; give a vector (K,) or rows (N, K), K >= 1")
+    return np.ascontiguousarray(x.reshape(-1, x.shape[-1]))
+
+
 def softmax(x: np.ndarray) -> np.ndarray:
     """Softmax over the last axis of a vector (K,) or a batch (N, K), shifted by the max
     so that large inputs do not overflow."""
-    x = np.asarray(x, dtype=np.float64)
-    return _softmax(np.ascontiguousarray(x.reshape(-1, x.shape[-1]))).reshape(x.shape)
+    return _softmax(rows_of_logits(x)).reshape(np.shape(x))
 
 
 def mean_squared_error(y: np.ndarray, t: np.ndarray) -> float:
@@ -81,8 +89,9 @@ def label_indices(t: np.ndarray, num_classes: int) -> np.ndarray:
         raise ValueError(f"labels have shape {t.shape}; {expected}")
     if t.dtype.kind not in "iu":
         raise ValueError(f"labels have dtype {t.dtype}, not integers; {expected}")
-    if t.size and (t.min() < 0 or t.max() >= num_classes):
-        bad = t.min() if t.min() < 0 else t.max()
+    lowest, highest = (t.min(), t.max()) if t.size else (0, 0)
+    if lowest < 0 or highest >= num_classes:
+        bad = lowest if lowest < 0 else highest
         raise ValueError(f"label {bad} is not a class index; {expected}")
     return t.astype(np.int64)
 
@@ -121,7 +130,7 @@ def softmax_cross_entropy_per_sample(logits: np.ndarray, labels: np.ndarray) -> 
     """Per-sample loss l_n = log(sum_k exp(s_nk)) - s_n,t_n (N,), with s the logits (N, K)
     minus each row's max and t_n the class indices or one-hot rows labels. Computed from the
     logits, so no probability underflows to log(0); the sum over k in order 0..K-1."""
-    logits = np.ascontiguousarray(logits, dtype=np.float64)
+    logits = rows_of_logits(logits)
     labels = label_indices(labels, logits.shape[1])
     if labels.size != logits.shape[0]:
         raise ValueError(f"{labels.size} labels for {logits.shape[0]} rows of logits; "

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from distnum.engines import FastEngine, FullEngine
+from distnum.functions import softmax, softmax_cross_entropy
 from distnum.gradient import central_differences
 from distnum.models import TwoLayerNet
 
@@ -87,6 +88,13 @@ def test_good_batches_in_any_label_form_give_the_same_gradient():
         assert np.array_equal(fast_engine(X5, labels), reference)
     x32 = X5.astype(np.float32)
     assert np.array_equal(fast_engine(x32, LABELS5), fast_engine(x32.astype(np.float64), LABELS5))
+
+
+@pytest.mark.parametrize("shape", [(3, 0), (0,), (2, 2, 2), ()])
+def test_logits_without_classes_or_of_too_many_dimensions_are_refused(shape):
+    message = re.escape(f"logits of shape {shape}; give a vector (K,) or rows (N, K), K >= 1")
+    refused(lambda: softmax(np.zeros(shape)), message)
+    refused(lambda: softmax_cross_entropy(np.zeros(shape), np.zeros(3, dtype=int)), message)
 
 
 def test_central_differences_refuses_indices_outside_x():
