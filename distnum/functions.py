@@ -141,7 +141,8 @@ def softmax_cross_entropy_per_sample(logits: np.ndarray, labels: np.ndarray) -> 
 @numba.njit(**JIT)
 def _mean(values):
     """The mean of values (N,) in index order, the sum compensated (Neumaier): a central
-    difference of two batch losses would show the rounding error of a plain sum of N."""
+    difference of two batch losses would show the rounding error of a plain sum of N. An
+    infinite loss gives an infinite mean (its compensation, inf - inf, would be nan)."""
     total = 0.0
     lost = 0.0  # what the additions to total have rounded away
     for value in values:
@@ -151,7 +152,7 @@ def _mean(values):
         else:
             lost += (value - new_total) + total
         total = new_total
-    return (total + lost) / values.size
+    return (total + lost if np.isfinite(total) else total) / values.size
 
 
 def softmax_cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
