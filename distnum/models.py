@@ -121,6 +121,8 @@ def affine(x, W, b):
     """x W + b for x (N, I), W (I, J), b (J,), in one fixed order on every CPU: out[n, j]
     adds x[n, i] W[i, j] for i = 0, 1, ... (each an fma, one rounding), then b[j]. A zero
     x[n, i] adds nothing, so it is skipped: most of an MNIST image is zero pixels."""
+    if W.shape[0] != x.shape[1] or b.size != W.shape[1]:
+        raise ValueError("affine: x (N, I), W (I, J) and b (J,) do not fit together")
     out = np.empty((x.shape[0], W.shape[1]))
     row = np.empty(W.shape[1])
     for n in range(x.shape[0]):

@@ -11,7 +11,7 @@ import pytest
 from distnum.engines import FastEngine, FullEngine
 from distnum.functions import softmax, softmax_cross_entropy
 from distnum.gradient import central_differences
-from distnum.models import TwoLayerNet
+from distnum.models import TwoLayerNet, affine
 
 NET = TwoLayerNet(12, 4, 10, weight_init_std=0.5, seed=0)
 X5 = np.random.default_rng(0).random((5, 12))
@@ -95,6 +95,12 @@ def test_logits_without_classes_or_of_too_many_dimensions_are_refused(shape):
     message = re.escape(f"logits of shape {shape}; give a vector (K,) or rows (N, K), K >= 1")
     refused(lambda: softmax(np.zeros(shape)), message)
     refused(lambda: softmax_cross_entropy(np.zeros(shape), np.zeros(3, dtype=int)), message)
+
+
+@pytest.mark.parametrize("W, b", [(np.ones((11, 4)), np.ones(4)), (np.ones((12, 4)), np.ones(3))])
+def test_affine_refuses_arrays_that_do_not_fit(W, b):
+    message = re.escape("x (N, I), W (I, J) and b (J,) do not fit together")
+    refused(lambda: affine(X5, W, b), message)
 
 
 def test_central_differences_refuses_indices_outside_x():
