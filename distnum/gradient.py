@@ -45,6 +45,8 @@ def central_differences(
     if not np.shares_memory(flat_x, x):
         raise ValueError("x must be contiguous, so that it can be nudged in place")
     indices = np.asarray(indices, dtype=np.intp)
+    if indices.size and (indices.min() < 0 or indices.max() >= x.size):
+        raise ValueError(f"indices must lie in [0, {x.size}), the flat indices of x")
     grad = np.empty(indices.size, dtype=np.float64)
     for position, k in enumerate(indices):
         original = flat_x[k]

@@ -12,6 +12,7 @@ from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import numba
 import numpy as np
 
 from distnum.functions import (
@@ -19,9 +20,10 @@ from distnum.functions import (
     label_indices,
     sigmoid,
     softmax,
-    softmax_cross_entropy_per_sample,
+    softmax_cross_entropy,
 )
 from distnum.gradient import DEFAULT_H
+from distnum.vecmath import JIT, fma
 
 PARAM_NAMES = ("W1", "b1", "W2", "b2")
 
@@ -114,17 +116,65 @@ class Activations(NamedTuple):
     a2: np.ndarray
 
 
+@numba.njit(**JIT)
+def affine(x, W, b):
+    """x W + b for x (N, I), W (I, J), b (J,), in one fixed order on every CPU: out[n, j]
+    adds x[n, i] W[i, j] for i = 0, 1, ... (each an fma, one rounding), then b[j]. A zero
+    x[n, i] adds nothing, so it is skipped: most of an MNIST image is zero pixels."""
+    if W.shape[0] != x.shape[1] or b.size != W.shape[1]:
+        raise ValueError("affine: x (N, I), W (I, J) and b (J,) do not fit together")
+    out = np.empty((x.shape[0], W.shape[1]))
+    row = np.empty(W.shape[1])
+    for n in range(x.shape[0]):
+        row[:] = 0.0
+        for i in range(x.shape[1]):
+            v = x[n, i]
+            if v != 0.0:
+                for j in range(row.size):  # vectorised over j: each lane one output
+                    row[j] = fma(v, W[i, j], row[j])
+        for j in range(row.size):
+            out[n, j] = row[j] + b[j]
+    return out
+
+
 def forward(params: dict[str, np.ndarray], x: np.ndarray) -> Activations:
-    """The network's one forward pass: a1 = x W1 + b1, z1 = sigmoid(a1), a2 = z1 W2 + b2."""
-    a1 = np.dot(x, params["W1"]) + params["b1"]
+    """The network's one forward pass: a1 = x W1 + b1, z1 = sigmoid(a1), a2 = z1 W2 + b2, for
+    a checked batch x (N, I) (see checked_inputs); the same bits on every CPU."""
+    a1 = affine(x, params["W1"], params["b1"])
     z1 = sigmoid(a1)
-    a2 = np.dot(z1, params["W2"]) + params["b2"]
-    return Activations(a1, z1, a2)
+    return Activations(a1, z1, affine(z1, params["W2"], params["b2"]))
 
 
 def batch_loss(params: dict[str, np.ndarray], x: np.ndarray, labels: np.ndarray) -> float:
-    """Mean softmax cross-entropy of the batch x (N, I) against class indices (N,)."""
-    return float(np.mean(softmax_cross_entropy_per_sample(forward(params, x).a2, labels)))
+    """Mean softmax cross-entropy of a checked batch x (N, I) against class indices (N,)."""
+    return softmax_cross_entropy(forward(params, x).a2, labels)
+
+
+def checked_inputs(layout: ParamLayout, x: np.ndarray) -> np.ndarray:
+    """x as a C-contiguous float64 batch (N, I), or a ValueError saying what to give."""
+    x = np.asarray(x)
+    size = layout.input_size
+    if x.dtype.kind not in "biuf":
+        raise ValueError(f"x has dtype {x.dtype}; give numbers, a float64 array (N, {size})")
+    if x.ndim != 2 or x.shape[1] != size:
+        raise ValueError(f"x has shape {x.shape}; give a batch (N, {size}), one input per row "
+                         "(one input alone: x.reshape(1, -1))")  # fmt: skip
+    if x.shape[0] == 0:
+        raise ValueError(f"x has shape {x.shape}, no inputs; give at least one row")
+    return np.ascontiguousarray(x, dtype=np.float64)
+
+
+def checked_batch(
+    layout: ParamLayout, x: np.ndarray, t: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """x as checked_inputs gives it, and its labels t (class indices or one-hot rows) as
+    class indices int64 (N,), each in [0, K): the kernels index arrays with them."""
+    x = checked_inputs(layout, x)
+    labels = label_indices(t, layout.output_size)
+    if labels.size != x.shape[0]:
+        raise ValueError(f"{labels.size} labels for {x.shape[0]} inputs in x; give one label "
+                         "per row of x")  # fmt: skip
+    return x, labels
 
 
 class TwoLayerNet:
@@ -153,42 +203,43 @@ class TwoLayerNet:
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Softmax probabilities (N, K) of a batch x (N, I)."""
-        return softmax(forward(self.params, x).a2)
+        return softmax(forward(self.params, checked_inputs(self.layout, x)).a2)
 
     def loss(self, x: np.ndarray, t: np.ndarray) -> float:
-        """Mean softmax cross-entropy, computed stably from the logits (log-sum-exp)."""
-        return batch_loss(self.params, x, self.labels(t))
+        """Mean softmax cross-entropy of x (N, I) against t, class indices (N,) or one-hot
+        rows (N, K); computed stably from the logits (log-sum-exp)."""
+        return batch_loss(self.params, *checked_batch(self.layout, x, t))
 
     def accuracy(self, x: np.ndarray, t: np.ndarray) -> float:
-        predicted = np.argmax(forward(self.params, x).a2, axis=1)
-        return float(np.mean(predicted == self.labels(t)))
+        """The fraction of x (N, I) whose largest logit is its label's, t as for loss."""
+        x, labels = checked_batch(self.layout, x, t)
+        return float(np.mean(np.argmax(forward(self.params, x).a2, axis=1) == labels))
 
     def numerical_gradient(
         self, x: np.ndarray, t: np.ndarray, h: float = DEFAULT_H, engine: str = "fast"
     ) -> dict[str, np.ndarray]:
-        """Central-difference gradient of the loss, arrays shaped like the params.
+        """Central-difference gradient of the loss, arrays shaped like the params; x and t
+        as for loss.
 
         engine "fast" reuses what each nudge leaves alone; "full" runs one complete forward
         pass per nudge, as the book does. Both give the same numbers (to ~1e-12)."""
         from distnum.engines import make_engine  # engines build on this module
 
+        x, labels = checked_batch(self.layout, x, t)
         all_indices = np.arange(self.layout.size)
-        flat_grad = make_engine(engine, self.layout, all_indices)(
-            self.flat_params, np.asarray(x, dtype=np.float64), self.labels(t), h
-        )
+        flat_grad = make_engine(engine, self.layout, all_indices)(self.flat_params, x, labels, h)
         return self.layout.views(flat_grad)
 
     def gradient(self, x: np.ndarray, t: np.ndarray) -> dict[str, np.ndarray]:
         """Analytic backprop gradient, the reference the numerical gradients are checked
-        against. Returns arrays shaped like the params."""
-        W2 = self.params["W2"]
-        labels = self.labels(t)
+        against; x and t as for loss. Returns arrays shaped like the params."""
+        x, labels = checked_batch(self.layout, x, t)
         a1, z1, a2 = forward(self.params, x)
         batch_size = x.shape[0]
         dy = softmax(a2)
         dy[np.arange(batch_size), labels] -= 1.0
         dy /= batch_size
-        da1 = np.dot(dy, W2.T) * z1 * (1.0 - z1)
+        da1 = np.dot(dy, self.params["W2"].T) * z1 * (1.0 - z1)
         return {
             "W1": np.dot(x.T, da1),
             "b1": np.sum(da1, axis=0),

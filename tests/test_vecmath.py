@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from distnum.engines.vecmath import exp_array, log_array
+from distnum.vecmath import exp_array, log_array
 
 
 def ulps(ours: np.ndarray, reference: np.ndarray) -> float:

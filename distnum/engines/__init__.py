@@ -6,7 +6,9 @@ TwoLayerNet's mean loss over a set of flat parameter indices (a shard), as that 
                      leaves alone; its kernels:
       first_layer.py   the nudges of W1 and b1
       second_layer.py  the nudges of W2 and b2
-      vecmath.py       exp and log that vectorise inside those kernels
+
+Both start from distnum.models.forward and the loss of distnum.functions, whose arithmetic
+(with distnum/vecmath.py's exp and log) has one fixed order on every CPU: so has theirs.
 
 An engine is built once per shard (an actor keeps it) and called once per step.
 """

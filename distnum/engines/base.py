@@ -1,4 +1,4 @@
-"""What both engines check, and the one BLAS thread they compute with."""
+"""What both engines check; one BLAS thread for the training loop."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ _threadpools = ThreadpoolController()
 
 @contextmanager
 def one_blas_thread() -> Iterator[None]:
-    """Run the forward passes inside with BLAS on one thread: a matrix product's bits
-    depend on how many threads share it, and a gradient must not depend on the process
-    (driver, actor, 1 or 2 cores) that computes it."""
+    """Keep BLAS to one thread inside: idle OpenBLAS threads spin on the cores the worker
+    actors need. (Nothing that feeds the parameters calls BLAS: the network's matrix
+    products are distnum.models.affine, whose bits depend on no library or CPU.)"""
     with _threadpools.limit(limits=1, user_api="blas"):
         yield
 
@@ -31,6 +31,8 @@ def checked_indices(layout: ParamLayout, indices: np.ndarray) -> np.ndarray:
 
 
 def checked_params(flat: np.ndarray) -> np.ndarray:
+    """flat as an array, if it is float64 (its shape is checked by ParamLayout.views)."""
+    flat = np.asarray(flat)
     if flat.dtype != np.float64:
         raise ValueError(
             f"parameters are {flat.dtype}; distnum computes in float64 only "

@@ -10,9 +10,10 @@ from __future__ import annotations
 import numpy as np
 
 from distnum.engines import first_layer, second_layer
-from distnum.engines.base import checked_indices, checked_params, one_blas_thread
+from distnum.engines.base import checked_indices, checked_params
+from distnum.functions import shifted_logits
 from distnum.gradient import check_h
-from distnum.models import ParamLayout, forward
+from distnum.models import ParamLayout, checked_batch, forward
 
 
 class FastEngine:
@@ -38,24 +39,24 @@ class FastEngine:
         )
 
     def __call__(self, flat: np.ndarray, x: np.ndarray, labels: np.ndarray, h: float) -> np.ndarray:
-        """g (len(indices),) for the parameters flat, batch x (B, I), labels (B,) indices."""
+        """g (len(indices),) for the parameters flat (layout.size,), a batch x (B, I) and its
+        labels, class indices (B,) or one-hot rows (B, K)."""
         h = check_h(h)
         params = self.layout.views(checked_params(flat))
-        with one_blas_thread():
-            a1, z1, a2 = forward(params, x)
-        shifted_logits = a2 - np.max(a2, axis=1, keepdims=True)
-        labels = np.ascontiguousarray(labels, dtype=np.int64)
+        x, labels = checked_batch(self.layout, x, labels)
+        a1, z1, a2 = forward(params, x)  # the one forward pass the nudges start from
+        shifted = shifted_logits(a2)
         sums = np.zeros(self.size)
         if self.first_slot.size:
             first_layer.loss_differences(
                 self.unit_start, self.first_pixel, self.first_slot,
                 *first_layer.input_entries(x),
-                a1, z1, shifted_logits, labels, params["W2"], h, sums,
+                a1, z1, shifted, labels, params["W2"], h, sums,
             )  # fmt: skip
         if self.second_slot.size:
             second_sums = np.empty(self.second_slot.size)
             second_layer.loss_differences(
-                self.second_unit, self.second_class, z1, shifted_logits, labels, h, second_sums
+                self.second_unit, self.second_class, z1, shifted, labels, h, second_sums
             )
             sums[self.second_slot] = second_sums
         return sums / (2.0 * h * x.shape[0])

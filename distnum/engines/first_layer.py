@@ -21,7 +21,7 @@ from typing import NamedTuple
 import numba
 import numpy as np
 
-from distnum.engines.vecmath import JIT, exp, log
+from distnum.vecmath import JIT, exp, fma, log, sigmoid
 
 
 class InputEntries(NamedTuple):
@@ -154,17 +154,16 @@ def loss_differences(
             w_target[q] = w[labels[n]]
         for sign in (1.0, -1.0):
             step = sign * h
-            for q in range(count):
-                z = 1.0 / (1.0 + exp(-(a_base[q] + step * step_per_h[q])))
-                d[q] = z - z_base[q]
+            for q in range(count):  # the forward pass's sigmoid, of the nudged a1[n, j]
+                d[q] = sigmoid(fma(step, step_per_h[q], a_base[q])) - z_base[q]
                 total[q] = 0.0
             for k in range(num_classes):
                 wk = w[k]
                 row = unit_logits[k]
                 for q in range(count):
-                    total[q] += exp(row[q] + d[q] * wk)
-            for q in range(count):
-                loss[q] = log(total[q]) - (unit_target[q] + d[q] * w_target[q])
+                    total[q] += exp(fma(d[q], wk, row[q]))
+            for q in range(count):  # as the loss is defined: the sum over k in order 0..K-1
+                loss[q] = log(total[q]) - fma(d[q], w_target[q], unit_target[q])
             if sign > 0:
                 loss_plus[:count] = loss[:count]
         for q in range(count):

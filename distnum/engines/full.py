@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from distnum.engines.base import checked_indices, checked_params, one_blas_thread
+from distnum.engines.base import checked_indices, checked_params
 from distnum.gradient import central_differences
-from distnum.models import ParamLayout, batch_loss
+from distnum.models import ParamLayout, batch_loss, checked_batch
 
 
 class FullEngine:
@@ -18,9 +18,9 @@ class FullEngine:
         self.indices = checked_indices(layout, indices)
 
     def __call__(self, flat: np.ndarray, x: np.ndarray, labels: np.ndarray, h: float) -> np.ndarray:
+        """g (len(indices),) for the parameters flat (layout.size,), a batch x (B, I) and its
+        labels, class indices (B,) or one-hot rows (B, K)."""
+        x, labels = checked_batch(self.layout, x, labels)
         nudged = checked_params(flat).copy()  # a private copy: flat may be read-only
         params = self.layout.views(nudged)
-        with one_blas_thread():
-            return central_differences(
-                lambda _: batch_loss(params, x, labels), nudged, self.indices, h
-            )
+        return central_differences(lambda _: batch_loss(params, x, labels), nudged, self.indices, h)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from distnum.engines.vecmath import JIT, exp, log
+from distnum.vecmath import JIT, exp, fma, log
 
 
 @numba.njit(**JIT)
@@ -41,8 +41,8 @@ def loss_differences(req_unit, req_class, z1, shifted_logits, labels, h, out):
         own, logit, other = is_target[c], logits[c], rest[c]
         for n in range(batch_size):
             step = h * z[n]
-            plus = log(other[n] + exp(logit[n] + step)) - (target[n] + own[n] * step)
-            minus = log(other[n] + exp(logit[n] - step)) - (target[n] - own[n] * step)
+            plus = log(other[n] + exp(logit[n] + step)) - fma(own[n], step, target[n])
+            minus = log(other[n] + exp(logit[n] - step)) - fma(own[n], -step, target[n])
             difference[n] = plus - minus
         total = 0.0
         for n in range(batch_size):

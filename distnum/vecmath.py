@@ -1,12 +1,17 @@
-"""exp and log for numba loops that the compiler can vectorise.
+"""exp, log and the sigmoid for numba loops: vectorised, and the same bits on every x86-64 CPU.
 
 numba turns math.exp and math.log into calls to the C library, one element at a time: about
-10 ns each on these CPUs, and the fast engine needs some 17 million of them per step. These
-two are written in plain arithmetic (range reduction, then a polynomial evaluated in Estrin's
-order), with no branches, so that LLVM vectorises the loops that call them. Both are
-accurate to 2 units in the last place over the whole float64 range (tests/test_vecmath.py
-checks them against numpy), they return inf, 0 and nan where exp and log do, and they give
-the same bits for an element whichever lane of a vector it falls in.
+10 ns each on these CPUs, and the fast engine needs some 17 million of them per step; and
+the C library and numpy pick their exp per CPU, which can change a last bit. These two are
+written in plain arithmetic (range reduction, then a polynomial evaluated in Estrin's order
+with fused multiply-adds), with no branches, so that LLVM vectorises the loops that call
+them. Both are accurate to 2 units in the last place over the whole float64 range
+(tests/test_vecmath.py checks them against numpy), they return inf, 0 and nan where exp and
+log do, and they give the same bits for an element whichever lane of a vector it falls in.
+
+Every operation is one IEEE-754 operation, rounded once, in the order written: no fastmath
+flag lets LLVM reassociate or fuse, and each fused multiply-add is asked for explicitly
+(fma), so a CPU with FMA units and one without compute the same bits.
 """
 
 from __future__ import annotations
@@ -24,7 +29,9 @@ ROUND = 6755399441055744.0  # 1.5 * 2**52: adding it rounds to an integer kept i
 ROUND_BITS = 0x4338000000000000
 SQRT_HALF_BITS = 0x3FE6A09E667F3BCD  # the bits of sqrt(0.5)
 MANTISSA = 0x000FFFFFFFFFFFFF
-JIT = {"nogil": True, "cache": True, "fastmath": {"contract"}, "error_model": "numpy"}
+# No fastmath flag, not even "contract": with it LLVM fuses a * b + c where the target CPU
+# has FMA and not where it has none, and the bits would depend on the machine.
+JIT = {"nogil": True, "cache": True, "error_model": "numpy"}
 
 
 @intrinsic
@@ -47,22 +54,33 @@ def _float_of(typingctx, bits):
     return types.float64(types.int64), codegen
 
 
+@intrinsic
+def fma(typingctx, a, b, c):
+    """a * b + c with one rounding (IEEE-754 fusedMultiplyAdd): the CPU's FMA instruction
+    where it has one, else the C library's exact software fma; the same bits either way."""
+
+    def codegen(context, builder, signature, args):
+        return builder.fma(*args)
+
+    return types.float64(types.float64, types.float64, types.float64), codegen
+
+
 @numba.njit(inline="always", **JIT)
 def exp(x: float) -> float:
     """e**x: x = k ln2 + r with |r| <= ln2 / 2, e**r by its degree-13 polynomial, then
     2**k applied as two powers of two so that neither overflows before the product does."""
     x = 710.0 if x > 710.0 else x  # keeps nan: comparisons with nan are false
     x = -746.0 if x < -746.0 else x
-    t = x * LOG2E + ROUND
+    t = fma(x, LOG2E, ROUND)
     k = t - ROUND
-    r = (x - k * LN2_HI) - k * LN2_LO
+    r = fma(-k, LN2_LO, fma(-k, LN2_HI, x))
     r2 = r * r
     r4 = r2 * r2
-    s0 = (1.0 + r) + (0.5 + r * (1.0 / 6)) * r2
-    s1 = (1.0 / 24 + r * (1.0 / 120)) + (1.0 / 720 + r * (1.0 / 5040)) * r2
-    s2 = (1.0 / 40320 + r * (1.0 / 362880)) + (1.0 / 3628800 + r * (1.0 / 39916800)) * r2
-    s3 = 1.0 / 479001600 + r * (1.0 / 6227020800)
-    p = (s0 + s1 * r4) + (s2 + s3 * r4) * (r4 * r4)
+    s0 = fma(fma(r, 1.0 / 6, 0.5), r2, 1.0 + r)
+    s1 = fma(fma(r, 1.0 / 5040, 1.0 / 720), r2, fma(r, 1.0 / 120, 1.0 / 24))
+    s2 = fma(fma(r, 1.0 / 39916800, 1.0 / 3628800), r2, fma(r, 1.0 / 362880, 1.0 / 40320))
+    s3 = fma(r, 1.0 / 6227020800, 1.0 / 479001600)
+    p = fma(fma(s3, r4, s2), r4 * r4, fma(s1, r4, s0))
     k_int = _bits_of(t) - ROUND_BITS
     half = k_int >> 1
     return p * _float_of((half + 1023) << 52) * _float_of((k_int - half + 1023) << 52)
@@ -81,15 +99,21 @@ def log(x: float) -> float:
     s2 = s * s
     s4 = s2 * s2
     s8 = s4 * s4
-    q0 = (1.0 / 3 + s2 * (1.0 / 5)) + s4 * (1.0 / 7 + s2 * (1.0 / 9))
-    q1 = (1.0 / 11 + s2 * (1.0 / 13)) + s4 * (1.0 / 15 + s2 * (1.0 / 17))
-    q2 = (1.0 / 19 + s2 * (1.0 / 21)) + s4 * (1.0 / 23)
-    series = s2 * (q0 + s8 * (q1 + s8 * q2))
+    q0 = fma(s4, fma(s2, 1.0 / 9, 1.0 / 7), fma(s2, 1.0 / 5, 1.0 / 3))
+    q1 = fma(s4, fma(s2, 1.0 / 17, 1.0 / 15), fma(s2, 1.0 / 13, 1.0 / 11))
+    q2 = fma(s4, 1.0 / 23, fma(s2, 1.0 / 21, 1.0 / 19))
+    series = s2 * fma(s8, fma(s8, q2, q1), q0)
     kf = _float_of(k + ROUND_BITS) - ROUND  # float(k) without int64 conversion, which AVX2 lacks
-    result = kf * LN2_HI + (2.0 * s + (2.0 * s * series + kf * LN2_LO))
+    result = fma(kf, LN2_HI, 2.0 * s + fma(2.0 * s, series, kf * LN2_LO))
     result = -np.inf if x == 0.0 else result
     result = np.nan if x < 0.0 else result
     return x if (x == np.inf or x != x) else result
+
+
+@numba.njit(inline="always", **JIT)
+def sigmoid(x: float) -> float:
+    """1 / (1 + e**-x): 0 for x below about -745, where e**-x overflows to inf."""
+    return 1.0 / (1.0 + exp(-x))
 
 
 @numba.njit(**JIT)
