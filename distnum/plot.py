@@ -40,7 +40,10 @@ def accuracy_range(accuracies: list[float]) -> tuple[float, float]:
 
 
 def plot_run(run_dir: str | os.PathLike) -> Figure:
-    """The run's loss curve and its train/test accuracy per epoch, as one Figure."""
+    """The loss curve and the train/test accuracy per epoch of the run in run_dir (a
+    `distnum train` out folder), as one Figure. Jupyter shows it as a cell's value (or with
+    `display`); elsewhere write it with save_figure: pyplot does not hold it, so that
+    `plt.show()` leaves it out and repeated calls keep no figures alive."""
     try:
         import matplotlib.pyplot as plt
     except ImportError:

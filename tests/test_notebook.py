@@ -13,7 +13,8 @@ from jupyter_client.manager import start_new_kernel
 from nbclient import NotebookClient
 from ray_log_lines import ray_log_lines
 
-NOTEBOOK = Path(__file__).resolve().parent.parent / "examples" / "ch4_numerical_gradient.ipynb"
+TESTS = Path(__file__).resolve().parent
+NOTEBOOK = TESTS.parent / "examples" / "ch4_numerical_gradient.ipynb"
 NOTEBOOK_ITERS = 200  # the notebook's DISTNUM_NOTEBOOK_ITERS here: a few seconds of training
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
@@ -123,7 +124,7 @@ def kernel(tmp_path):
     kernel.close()
 
 
-def test_the_users_ray_a_second_run_and_an_interrupted_run(kernel, tiny_mnist, tmp_path):
+def test_a_session_on_the_users_ray_runs_fails_stops_and_goes_on(kernel, tiny_mnist, tmp_path):
     train = f"distnum.train(batch_size=10, data_dir={str(tiny_mnist)!r}"
     kernel.run_ok("import ray, distnum\nray.init(num_cpus=2)")
 
@@ -132,6 +133,14 @@ def test_the_users_ray_a_second_run_and_an_interrupted_run(kernel, tiny_mnist, t
     assert "step     12  epoch" in output_text(first)
     # workers default to the CPUs of the user's Ray, which is left running
     assert kernel.value("first['workers'], ray.is_initialized()") == "(2, True)"
+
+    # a run that fails shows its one error, and no lines of Ray's
+    kernel.run_ok(f"import sys\nsys.path.insert(0, {str(TESTS)!r})\nimport failing_engine\n"
+                  "ray.cloudpickle.register_pickle_by_value(failing_engine)")  # fmt: skip
+    failed = kernel.run(f"{train}, iters=12, engine=failing_engine.FailingEngine, out='fails')")
+    (error,) = [o for o in failed if o["output_type"] == "error"]
+    assert error["ename"] == "WorkerFailed"
+    assert error["evalue"] == "a worker actor raised RuntimeError: injected failure in the engine"
 
     # Jupyter's "interrupt the kernel": SIGINT to the kernel's process
     interrupted = kernel.start(f"{train}, iters=10**6, checkpoint_every=6, out='stopped')")
@@ -146,7 +155,8 @@ def test_the_users_ray_a_second_run_and_an_interrupted_run(kernel, tiny_mnist, t
     assert time.monotonic() - signalled < 30
     assert error["ename"] == "Interrupted", error
     stopped_at = int(re.search(r"stopped by SIGINT after step (\d+) ", error["evalue"])[1])
-    newest = max(int(p.stem[5:]) for p in (tmp_path / "stopped" / "checkpoints").glob("*.json"))
+    manifests = (tmp_path / "stopped" / "checkpoints").glob("step-*.json")
+    newest = max(int(re.fullmatch(r"step-(\d+)", path.stem)[1]) for path in manifests)
     assert stopped_at - 6 < newest <= stopped_at
 
     # the kernel goes on: the same Ray, and the interrupted run resumed to its end
