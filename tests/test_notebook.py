@@ -154,7 +154,7 @@ def test_a_session_on_the_users_ray_runs_fails_stops_and_goes_on(kernel, tiny_mn
     (error,) = [o for o in kernel.outputs(interrupted) if o["output_type"] == "error"]
     assert time.monotonic() - signalled < 30
     assert error["ename"] == "Interrupted", error
-    stopped_at = int(re.search(r"stopped by SIGINT after step (\d+) ", error["evalue"])[1])
+    stopped_at = int(re.search(r"stopped by SIGINT after step (\d+)\b", error["evalue"])[1])
     manifests = (tmp_path / "stopped" / "checkpoints").glob("step-*.json")
     newest = max(int(re.fullmatch(r"step-(\d+)", path.stem)[1]) for path in manifests)
     assert stopped_at - 6 < newest <= stopped_at
