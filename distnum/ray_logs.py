@@ -2,12 +2,13 @@
 
 Through its `ray` logger Ray writes to the driver's stderr: an INFO line when it starts or
 joins a cluster, a WARNING on every local start saying that token authentication is on (since
-Ray 2.59 a notice, not a fault), and five INFO lines each time a compiled graph is torn down.
-In a notebook they land in the cell's output; on the command line they come before the run's
-own lines. `ray.init()` sets the level of the `ray` logger itself (INFO unless told
-otherwise), so distnum raises the levels of the three module loggers that write those lines
-instead: no `ray.init` resets them. It does so when distnum is imported, so that it holds for
-a `ray.init()` the user calls as well as for the one distnum calls.
+Ray 2.59 a notice, not a fault), and INFO lines (one per actor among them) each time a
+compiled graph is torn down. In a notebook they land in the cell's output; on the command
+line they come before the run's own lines. `ray.init()` sets the level of the `ray` logger
+itself (INFO unless told otherwise), so distnum raises the levels of the three module
+loggers that write those lines instead: no `ray.init` resets them. It does so when distnum
+is imported, so that it holds for a `ray.init()` the user calls as well as for the one
+distnum calls.
 
 A real fault still shows: Ray raises it as an exception (which distnum reports in one line),
 and these loggers still pass their ERROR lines, the graph's and the worker's their WARNINGs.
