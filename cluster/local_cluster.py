@@ -64,12 +64,23 @@ def session_name(temp_dir: Path) -> str:
     return os.path.basename(os.path.realpath(temp_dir / "session_latest"))
 
 
-def cluster_processes(session: str) -> list[psutil.Process]:
+def cluster_processes(session: str, port: int | None = None) -> list[psutil.Process]:
     """Every process of the session: those naming it on their command line (GCS, raylets,
-    dashboard, agents, monitors) and all their descendants (the worker processes)."""
+    dashboard, agents, monitors), the head's Ray client server (it names only the GCS
+    port), and all their descendants (the worker processes)."""
+    client_server = f":{port}" if port is not None else None
     roots = []
-    for process in psutil.process_iter(["cmdline"]):
-        if any(session in part for part in process.info["cmdline"] or []):
+    for process in psutil.process_iter(["cmdline", "status"]):
+        if process.info["status"] == psutil.STATUS_ZOMBIE:
+            continue  # ended, waiting for its parent to collect it
+        cmdline = process.info["cmdline"] or []
+        if any(session in part for part in cmdline) or (
+            client_server
+            and "ray.util.client.server" in cmdline
+            and any(
+                part.startswith("--address=") and part.endswith(client_server) for part in cmdline
+            )  # fmt: skip
+        ):
             roots.append(process)
     found = {p.pid: p for p in roots}
     for root in roots:
@@ -125,30 +136,35 @@ def start(head_cpus: int, worker_cpus: list[int], port: int, dashboard_port: int
     return info
 
 
-def stop(state: Path) -> int:
-    """End the recorded cluster's processes; returns how many there were."""
+def stop(state: Path, timeout_s: float = 60) -> int:
+    """End the recorded cluster's processes, and return only when none is left (processes
+    that start while others end, such as a client server, are found on the next pass);
+    returns how many there were."""
     record = state / "cluster.json"
     if not record.exists():
         return 0
-    session = json.loads(record.read_text())["session"]
-    processes = cluster_processes(session)
-    for process in processes:
-        try:
-            process.send_signal(signal.SIGTERM)
-        except psutil.NoSuchProcess:
-            pass
-    _, still_alive = psutil.wait_procs(processes, timeout=10)
-    for process in still_alive:
-        try:
-            process.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(still_alive, timeout=10)
-    leftover = cluster_processes(session)
-    if leftover:
-        raise SystemExit(f"local_cluster: could not end {[p.pid for p in leftover]}")
+    info = json.loads(record.read_text())
+    port = int(info["address"].rpartition(":")[2])
+    ended: set[int] = set()
+    deadline = time.monotonic() + timeout_s
+    while processes := cluster_processes(info["session"], port):
+        if time.monotonic() > deadline:
+            raise SystemExit(f"local_cluster: could not end {[p.pid for p in processes]}")
+        ended.update(p.pid for p in processes)
+        for process in processes:
+            try:
+                process.send_signal(signal.SIGTERM)
+            except psutil.NoSuchProcess:
+                pass
+        _, still_alive = psutil.wait_procs(processes, timeout=10)
+        for process in still_alive:
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(still_alive, timeout=10)
     record.unlink()
-    return len(processes)
+    return len(ended)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,23 +1,26 @@
 """distnum: exact central-difference gradients for the chapter-4 network, sharded over Ray."""
 
-from distnum.data import load_mnist
-from distnum.models import SimpleNet, TwoLayerNet
+from importlib import import_module
+
 from distnum.ray_logs import quiet_ray_logs
 
-__all__ = ["SimpleNet", "TwoLayerNet", "TrainConfig", "load_mnist", "plot_run", "train"]
+# where each public name lives; imported when first asked for, so that `import distnum`
+# costs nothing (numpy, numba and Ray take seconds) until a name is used
+_PUBLIC = {
+    "SimpleNet": "distnum.models",
+    "TwoLayerNet": "distnum.models",
+    "load_mnist": "distnum.data",
+    "TrainConfig": "distnum.training",
+    "train": "distnum.training",
+    "plot_run": "distnum.plot",
+}
+__all__ = list(_PUBLIC)
 
-# before any ray.init(), the caller's own included: see distnum/ray_logs.py
+# before any ray.init(), the caller's own included: see distnum/ray_logs.py (only logging)
 quiet_ray_logs()
 
 
 def __getattr__(name: str):
-    # distnum.train and TrainConfig import Ray: only when asked for
-    if name in ("train", "TrainConfig"):
-        from distnum import training
-
-        return getattr(training, name)
-    if name == "plot_run":  # matplotlib too
-        from distnum.plot import plot_run
-
-        return plot_run
+    if name in _PUBLIC:
+        return getattr(import_module(_PUBLIC[name]), name)
     raise AttributeError(f"module 'distnum' has no attribute {name!r}")

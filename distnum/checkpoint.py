@@ -1,12 +1,17 @@
 """Checkpoints: everything a run needs to go on bit for bit, written so that a crash at any
-moment leaves the previous checkpoint whole.
+moment leaves the previous checkpoint whole, and read back trusting nothing.
 
 A checkpoint of step S is two files in OUT/checkpoints:
-    step-000S.npz   the flat parameters and the metrics so far, plain arrays (no pickle)
-    step-000S.json  the manifest: step, the minibatch RNG's state, the run's settings and the
-                    SHA-256 of the .npz; written last, so that a checkpoint without one
-                    does not exist
+    step-000000S.npz   the flat parameters and the metrics so far, plain arrays (no pickle)
+    step-000000S.json  the manifest: the run's id, step, the minibatch RNG's state, the run's
+                       settings, the data set's digest, the SHA-256 of the .npz and one of the
+                       manifest itself; written last, so that a checkpoint without one does
+                       not exist
 Each file is written to a temporary name, flushed to disk (fsync) and renamed into place.
+
+Reading back, every field is checked (types, ranges, shapes, checksums); a manifest that
+fails any check is skipped for the newest older one that passes. Clean-up removes only
+checkpoints of this run, chosen by their parsed step, never the newest.
 """
 
 from __future__ import annotations
@@ -15,14 +20,22 @@ import hashlib
 import io
 import json
 import os
+import re
 import tempfile
+import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-FORMAT = 1
-KEEP = 2  # the newest checkpoints kept; older ones are removed once a newer one is whole
+FORMAT = 2
+KEEP = 2  # the newest checkpoints of a run kept; older ones go once a newer one is whole
+MANIFEST_NAME = re.compile(r"step-(\d{7,})\.json")
+MAX_MANIFEST_BYTES = 1 << 20  # a real one is about 2 KB; more is not a manifest of ours
+MAX_STEP = 10**15
+UMASK = os.umask(0o022)
+os.umask(UMASK)
 
 
 class CheckpointError(Exception):
@@ -31,10 +44,13 @@ class CheckpointError(Exception):
 
 @dataclass
 class Checkpoint:
+    run_id: str  # one per run, kept across --resume: which checkpoints are this run's
     step: int
-    flat_params: np.ndarray  # (size,) float64
-    rng_state: dict  # numpy's bit_generator.state of the minibatch generator
-    settings: dict  # the run's options that must not change on resume
+    flat_params: np.ndarray  # (size,) float64, finite
+    rng_state: dict  # numpy's bit_generator.state of the minibatch generator (PCG64)
+    settings: dict  # the run's options that a resumed run keeps
+    data_sha256: str  # the training and test sets the run learns from
+    data_dir: str | None  # where they were read from (resolved), for a resume that gives none
     step_losses: np.ndarray  # (step,) loss after each step
     step_seconds: np.ndarray  # (step,)
     epochs: np.ndarray  # (E, 4): step, epoch, train_acc, test_acc
@@ -44,9 +60,16 @@ def directory(out: Path) -> Path:
     return Path(out) / "checkpoints"
 
 
+def stem(step: int) -> str:
+    return f"step-{step:07d}"
+
+
 def write_atomically(path: Path, data: bytes) -> None:
+    """path holds data whole, or is as it was: a temporary file, fsync, rename. An OSError
+    (disk full, say) leaves no temporary file behind."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~UMASK)  # as open() would make it, not mkstemp's 0600
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -56,34 +79,25 @@ def write_atomically(path: Path, data: bytes) -> None:
         Path(tmp).unlink(missing_ok=True)
 
 
-def save(out: Path, checkpoint: Checkpoint) -> Path:
-    """Write the checkpoint atomically, then drop all but the newest KEEP; returns the
-    manifest's path."""
-    folder = directory(out)
-    folder.mkdir(parents=True, exist_ok=True)
-    stem = f"step-{checkpoint.step:07d}"
-    arrays = _serialise_arrays(checkpoint)
-    write_atomically(folder / f"{stem}.npz", arrays)
-    manifest = {
-        "format": FORMAT,
-        "step": checkpoint.step,
-        "data": f"{stem}.npz",
-        "sha256": hashlib.sha256(arrays).hexdigest(),
-        "rng_state": checkpoint.rng_state,
-        "settings": checkpoint.settings,
-    }
-    write_atomically(folder / f"{stem}.json", (json.dumps(manifest, indent=1) + "\n").encode())
-    _fsync_directory(folder)
-    for old in sorted(folder.glob("step-*.json"))[:-KEEP]:
-        old.with_suffix(".npz").unlink(missing_ok=True)
-        old.unlink()
-    return folder / f"{stem}.json"
+def fsync_directory(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _digest(manifest: dict) -> str:
+    """SHA-256 of the manifest's content without its own digest, keys sorted."""
+    fields = {key: value for key, value in manifest.items() if key != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
 def _serialise_arrays(checkpoint: Checkpoint) -> bytes:
     buffer = io.BytesIO()
     np.savez(
         buffer,
+        step=np.int64(checkpoint.step),
         flat_params=np.asarray(checkpoint.flat_params, dtype=np.float64),
         step_losses=np.asarray(checkpoint.step_losses, dtype=np.float64),
         step_seconds=np.asarray(checkpoint.step_seconds, dtype=np.float64),
@@ -92,66 +106,178 @@ def _serialise_arrays(checkpoint: Checkpoint) -> bytes:
     return buffer.getvalue()
 
 
-def _fsync_directory(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+class Checkpoints:
+    """The checkpoints of one run in OUT/checkpoints.
 
+    `newest` finds the one to resume from; `save` writes a new one and then removes the
+    oldest of those this run owns beyond KEEP. A file is this run's when it is the valid
+    checkpoint of its step under its canonical name, with this run's id: copies, strays,
+    damaged files and other runs' checkpoints are never removed."""
 
-def load(path: Path) -> Checkpoint:
-    """The checkpoint whose manifest is path, checked: manifest, checksum, arrays."""
-    fix = "delete it to resume from the one before, or start the run again without --resume"
-    try:
-        manifest = json.loads(path.read_text())
-        step, data_name = int(manifest["step"]), manifest["data"]
-        sha256, rng_state, settings = (
-            manifest["sha256"],
-            manifest["rng_state"],
-            manifest["settings"],
+    def __init__(self, out: Path, run_id: str) -> None:
+        self.folder = directory(out)
+        self.run_id = run_id
+        self.owned: dict[int, Path] = {}  # step -> manifest, of this run
+
+    def newest(self, check: Callable[[Checkpoint], None]) -> tuple[Checkpoint, str | None]:
+        """The newest valid checkpoint, and a one-line note of the newer files that were
+        skipped (None when none was). check(checkpoint) raises ValueError for settings
+        that cannot be a run's. Adopts the checkpoint's run id. CheckpointError when there
+        is no valid checkpoint."""
+        candidates = []
+        for path in self.folder.glob("step-*.json") if self.folder.is_dir() else []:
+            match = MANIFEST_NAME.fullmatch(path.name)
+            if match:
+                candidates.append((int(match.group(1)), path))
+        if not candidates:
+            raise CheckpointError(f"{self.folder.parent} has no checkpoint (no "
+                                  f"{self.folder}/step-*.json); give the --out folder of a run "
+                                  "that wrote checkpoints")  # fmt: skip
+        candidates.sort(reverse=True)
+        skipped: list[str] = []
+        for step, path in candidates:
+            try:
+                found = load(path, step, check)
+            except CheckpointError as error:
+                skipped.append(str(error))
+                continue
+            self.run_id = found.run_id
+            for other_step, other in candidates:
+                if other_step < step and self._is_ours(other, other_step, check):
+                    self.owned[other_step] = other
+            self.owned[step] = path
+            return found, self._note(skipped, step)
+        raise CheckpointError(
+            f"no valid checkpoint in {self.folder}: {skipped[0]}"
+            + (f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else "")
         )
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise CheckpointError(f"{path}: unreadable manifest ({error}); {fix}") from None
-    data_path = path.parent / data_name
+
+    def _is_ours(self, path: Path, step: int, check: Callable[[Checkpoint], None]) -> bool:
+        try:
+            return load(path, step, check).run_id == self.run_id
+        except CheckpointError:
+            return False
+
+    def _note(self, skipped: list[str], step: int) -> str | None:
+        """One line for everything in the folder that is not this run's checkpoints."""
+        ours = {p for m in self.owned.values() for p in (m, m.with_suffix(".npz"))}
+        strays = [p for p in self.folder.iterdir() if p not in ours]
+        if not strays:
+            return None
+        first = f"skipped {len(skipped)} newer: {skipped[0]}; " if skipped else ""
+        return (f"{first}ignoring {len(strays)} files in {self.folder} that are not this run's "
+                f"checkpoints; resuming from step {step}")  # fmt: skip
+
+    def save(self, checkpoint: Checkpoint) -> Path:
+        """Write the checkpoint atomically, then drop this run's older ones beyond KEEP;
+        returns the manifest's path."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        name = stem(checkpoint.step)
+        arrays = _serialise_arrays(checkpoint)
+        write_atomically(self.folder / f"{name}.npz", arrays)
+        manifest = {
+            "format": FORMAT,
+            "run_id": checkpoint.run_id,
+            "step": checkpoint.step,
+            "data": f"{name}.npz",
+            "sha256": hashlib.sha256(arrays).hexdigest(),
+            "rng_state": checkpoint.rng_state,
+            "settings": checkpoint.settings,
+            "data_sha256": checkpoint.data_sha256,
+            "data_dir": checkpoint.data_dir,
+        }
+        manifest["manifest_sha256"] = _digest(manifest)
+        path = self.folder / f"{name}.json"
+        write_atomically(path, (json.dumps(manifest, indent=1) + "\n").encode())
+        fsync_directory(self.folder)
+        self.owned[checkpoint.step] = path
+        for step in sorted(self.owned)[:-KEEP]:
+            old = self.owned.pop(step)
+            old.unlink(missing_ok=True)  # the manifest first: the checkpoint is gone at once
+            old.with_suffix(".npz").unlink(missing_ok=True)
+        return path
+
+
+def load(path: Path, step: int, check: Callable[[Checkpoint], None]) -> Checkpoint:
+    """The checkpoint of step (from its file name) whose manifest is path, every field
+    checked; CheckpointError naming the file and the fault otherwise."""
+    fix = "delete it to resume from the one before, or start again with --overwrite"
+
+    def damaged(what: str) -> CheckpointError:
+        return CheckpointError(f"{path}: {what}; {fix}")
+
+    try:
+        if path.stat().st_size > MAX_MANIFEST_BYTES:
+            raise damaged("too large to be a manifest")
+        manifest = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError) as error:
+        raise damaged(f"unreadable manifest ({type(error).__name__})") from None
+    if not isinstance(manifest, dict):
+        raise damaged("the manifest is not a JSON object")
+    expected = {"format": int, "run_id": str, "step": int, "data": str, "sha256": str,
+                "rng_state": dict, "settings": dict, "data_sha256": str,
+                "manifest_sha256": str}  # fmt: skip
+    for key, kind in expected.items():
+        value = manifest.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise damaged(f"its {key!r} is missing or not a {kind.__name__}")
+    if not isinstance(manifest.get("data_dir"), (str, type(None))):
+        raise damaged("its 'data_dir' is not a string")
+    if manifest["format"] != FORMAT:
+        raise damaged(f"format {manifest['format']}, not {FORMAT}")
+    if manifest["manifest_sha256"] != _digest(manifest):
+        raise damaged("the manifest's checksum does not match its content (changed)")
+    if manifest["step"] != step or not 0 <= step <= MAX_STEP:
+        raise damaged(f"step {manifest['step']} does not match its name")
+    if manifest["data"] != f"{stem(step)}.npz":
+        raise damaged(f"its data file {manifest['data']!r} is not {stem(step)}.npz")
+    try:
+        generator = np.random.PCG64()
+        generator.state = manifest["rng_state"]
+    except Exception as error:  # numpy raises TypeError, ValueError, KeyError, OverflowError
+        raise damaged(f"its rng_state is not a PCG64 state ({type(error).__name__})") from None
+
+    data_path = path.parent / manifest["data"]
     try:
         data = data_path.read_bytes()
     except OSError as error:
-        raise CheckpointError(f"{data_path}: cannot read ({error.strerror}); {fix}") from None
-    if hashlib.sha256(data).hexdigest() != sha256:
-        raise CheckpointError(f"{data_path}: checksum does not match its manifest (truncated or "
-                              f"changed); {fix}")  # fmt: skip
+        raise damaged(f"cannot read {data_path.name} ({error.strerror})") from None
+    if hashlib.sha256(data).hexdigest() != manifest["sha256"]:
+        raise damaged(f"{data_path.name}'s checksum does not match (truncated or changed)")
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+            saved_step = int(arrays["step"])
             checkpoint = Checkpoint(
+                run_id=manifest["run_id"],
                 step=step,
                 flat_params=arrays["flat_params"],
-                rng_state=rng_state,
-                settings=settings,
+                rng_state=manifest["rng_state"],
+                settings=manifest["settings"],
+                data_sha256=manifest["data_sha256"],
+                data_dir=manifest.get("data_dir"),
                 step_losses=arrays["step_losses"],
                 step_seconds=arrays["step_seconds"],
                 epochs=arrays["epochs"],
             )
-    except (OSError, ValueError, KeyError) as error:
-        raise CheckpointError(f"{data_path}: unreadable arrays ({error}); {fix}") from None
-    if checkpoint.step_losses.shape != (step,) or checkpoint.flat_params.ndim != 1:
-        raise CheckpointError(f"{data_path}: arrays do not match step {step}; {fix}")
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as error:
+        raise damaged(f"unreadable arrays in {data_path.name} ({error})") from None
+    arrays_fit = (
+        saved_step == step
+        and checkpoint.flat_params.dtype == np.float64
+        and checkpoint.flat_params.ndim == 1
+        and checkpoint.step_losses.shape == (step,)
+        and checkpoint.step_seconds.shape == (step,)
+        and checkpoint.epochs.ndim == 2
+        and checkpoint.epochs.shape[1] == 4
+    )
+    if not arrays_fit:
+        raise damaged(f"the arrays in {data_path.name} do not fit step {step}")
+    if not (
+        np.isfinite(checkpoint.flat_params).all() and np.isfinite(checkpoint.step_losses).all()
+    ):
+        raise damaged(f"{data_path.name} holds parameters or losses that are not finite")
+    try:
+        check(checkpoint)
+    except ValueError as error:
+        raise damaged(f"settings that cannot be a run's ({error})") from None
     return checkpoint
-
-
-def newest(out: Path) -> tuple[Checkpoint, list[str]]:
-    """The newest valid checkpoint of the run in out, and a note for each newer one that was
-    skipped as damaged. CheckpointError when there is none."""
-    folder = directory(out)
-    manifests = sorted(folder.glob("step-*.json"), reverse=True)
-    if not manifests:
-        raise CheckpointError(f"{out} has no checkpoint (no {folder}/step-*.json); give the "
-                              f"--out folder of a run that wrote checkpoints")  # fmt: skip
-    skipped = []
-    for manifest in manifests:
-        try:
-            return load(manifest), skipped
-        except CheckpointError as error:
-            skipped.append(str(error))
-    raise CheckpointError(skipped[0] if len(skipped) == 1 else
-                          f"no valid checkpoint in {folder}: " + " | ".join(skipped))  # fmt: skip

@@ -6,31 +6,47 @@ import argparse
 import json
 import os
 import sys
+import traceback
 
-import numpy as np
-
-from distnum.data import DataError, load_mnist
-from distnum.gradient import DEFAULT_H, check_h
+from distnum.stopping import StopRequests
 
 
 class OneLineParser(argparse.ArgumentParser):
     """Usage errors as one line (what is wrong, and where to look), exit status 2."""
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"distnum: error: {message} (see {self.prog} --help)\n")
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default in its help, where it has one to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def whole_number(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} must be at least {low}")
+        return value
+
+    parse.__name__ = "whole number"
+    return parse
+
+
+positive_int = whole_number(1)
 
 
 def step_size(text: str) -> float:
+    from distnum.gradient import check_h
+
     try:
         return check_h(text)
     except ValueError as error:
@@ -45,8 +61,8 @@ def add_batch_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--batch-size", type=positive_int, default=100)
     parser.add_argument("--hidden", type=positive_int, default=50, help="hidden units")
-    parser.add_argument("--seed", type=int, default=0, help="weights and batch")
-    parser.add_argument("--h", type=step_size, default=DEFAULT_H, help="the nudge (1e-4)")
+    parser.add_argument("--seed", type=whole_number(0), default=0, help="weights and batch")
+    parser.add_argument("--h", type=step_size, default=1e-4, help="the nudge")
     parser.add_argument(
         "--train-steps",
         type=int,
@@ -57,6 +73,10 @@ def add_batch_options(parser: argparse.ArgumentParser) -> None:
 
 def real_batch(args: argparse.Namespace):
     """x (B, 784), labels (B,) drawn from the training set, and the training set."""
+    import numpy as np
+
+    from distnum.data import DataError, load_mnist
+
     (x_train, t_train), _ = load_mnist(data_dir=args.data_dir)
     if args.batch_size > len(x_train):
         raise DataError(
@@ -69,6 +89,8 @@ def real_batch(args: argparse.Namespace):
 
 
 def run_gradcheck(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from distnum.gradcheck import compare, train_with_backprop
     from distnum.models import TwoLayerNet
 
@@ -145,6 +167,10 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def run_train(args: argparse.Namespace) -> int:
     from distnum.training import ConfigError, TrainConfig, train
 
@@ -157,12 +183,20 @@ def run_train(args: argparse.Namespace) -> int:
         args.resume = False
     config = TrainConfig(**{k: getattr(args, k) for k in TrainConfig.__dataclass_fields__})
     summary = train(config)
+    if summary["steps_run"] == 0:
+        return 0
+    where = (
+        "in this process"
+        if summary["local"]
+        else f"{summary['workers']} workers on {plural(len(summary['actors_per_node']), 'node')}"
+    )
+    resumed = (f", resumed from step {summary['resumed_from_step']}"
+               if summary["resumed_from_step"] is not None else "")  # fmt: skip
     print(
-        f"done: {summary['iters']} steps in {summary['wall_s']:.1f} s "
-        f"({summary['steps_per_s']:.1f} steps/s, {summary['workers']} workers, "
-        f"engine {summary['engine']}), loss {summary['final_loss']:.4g}, "
-        f"train_acc {summary['train_acc']:.4f}, test_acc {summary['test_acc']:.4f}; "
-        f"actors per node {summary['actors_per_node']}; outputs in {summary['out']}"
+        f"done: {summary['steps_run']} steps in {summary['wall_s']:.1f} s{resumed} "
+        f"({summary['steps_per_s']:.1f} steps/s, {where}, engine {summary['engine']}), "
+        f"loss {summary['final_loss']:.4g}, train_acc {summary['train_acc']:.4f}, "
+        f"test_acc {summary['test_acc']:.4f}; outputs in {summary['out']}"
     )
     return 0
 
@@ -185,13 +219,17 @@ def run_plot(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from distnum.engines import ENGINES
+    from distnum.training import DEFAULTS
+
     parser = OneLineParser(
         prog="distnum",
         description="Exact central-difference gradients for the chapter-4 network.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    gradcheck = commands.add_parser("gradcheck", help="fast vs full engine vs backprop")
+    gradcheck = commands.add_parser("gradcheck", help="fast vs full engine vs backprop",
+                                    formatter_class=HelpFormatter)  # fmt: skip
     add_batch_options(gradcheck)
     gradcheck.add_argument(
         "--full-sample",
@@ -203,21 +241,34 @@ def build_parser() -> argparse.ArgumentParser:
     gradcheck.add_argument("--rel-tol", type=float, default=1e-6)
     gradcheck.set_defaults(run=run_gradcheck)
 
-    train = commands.add_parser("train", help="the notebook's MNIST training, over Ray")
-    train.add_argument("--iters", type=positive_int, default=10000)
-    train.add_argument("--batch-size", type=positive_int, default=100)
-    train.add_argument("--lr", type=float, default=0.1, help="learning rate")
-    train.add_argument("--hidden", type=positive_int, default=50, help="hidden units")
-    train.add_argument("--weight-init-std", type=float, default=0.01)
+    train = commands.add_parser("train", help="the notebook's MNIST training, over Ray",
+                                formatter_class=HelpFormatter)  # fmt: skip
+    resumed = "; on --resume, the run's own"
+    train.add_argument("--iters", type=positive_int,
+                       help=f"SGD steps in all (default {DEFAULTS['iters']}{resumed}; a larger "
+                       "one extends a resumed run)")  # fmt: skip
+    for name, kind, text in (
+        ("batch-size", positive_int, "images per minibatch"),
+        ("lr", float, "learning rate"),
+        ("hidden", positive_int, "hidden units"),
+        ("weight-init-std", float, "standard deviation of the initial weights"),
+        ("h", float, "the nudge of the central differences"),
+        ("seed", whole_number(0), "seeds the initial weights and the minibatches"),
+    ):
+        default = DEFAULTS[name.replace("-", "_")]
+        train.add_argument(f"--{name}", type=kind, help=f"{text} (default {default}{resumed})")
+    train.add_argument(
+        "--engine",
+        choices=list(ENGINES),
+        help=f"how each nudged loss is evaluated (default fast{resumed})",
+    )
     train.add_argument(
         "--workers",
         type=positive_int,
         help="worker actors (default: the CPUs Ray reports; more share them)",
     )
-    train.add_argument("--engine", choices=["fast", "full"], default="fast")
-    train.add_argument("--h", type=step_size, default=DEFAULT_H, help="the nudge (1e-4)")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--data-dir", help="folder with the MNIST IDX files")
+    train.add_argument("--data-dir", help="folder with the MNIST IDX files (default: "
+                       "DISTNUM_DATA, then the cache, then a download)")  # fmt: skip
     train.add_argument("--out", help="output folder (default runs/train-<time>)")
     train.add_argument(
         "--address",
@@ -230,16 +281,20 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.add_argument("--checkpoint-every", type=positive_int, metavar="N",
                        help="write a checkpoint every N steps (default: every epoch; always "
-                       "at the end)")  # fmt: skip
+                       "at the end and on a stop)")  # fmt: skip
     train.add_argument("--resume", metavar="OUT",
-                       help="go on with the run in OUT from its newest valid checkpoint, up "
-                       "to --iters")  # fmt: skip
-    train.add_argument("--max-worker-restarts", type=int, default=3, metavar="N",
+                       help="go on with the run in OUT from its newest valid checkpoint, to "
+                       "its own --iters or a larger one given")  # fmt: skip
+    train.add_argument("--overwrite", action="store_true",
+                       help="remove the run already in --out (its outputs and checkpoints) "
+                       "and start again")  # fmt: skip
+    train.add_argument("--max-worker-restarts", type=whole_number(0), default=3, metavar="N",
                        help="worker actors that die are replaced and their step redone, up "
-                       "to N times in a run (3)")  # fmt: skip
+                       "to N times in a run")  # fmt: skip
     train.set_defaults(run=run_train)
 
-    bench = commands.add_parser("bench", help="seconds per gradient: full, fast, backprop")
+    bench = commands.add_parser("bench", help="seconds per gradient: full, fast, backprop",
+                                formatter_class=HelpFormatter)  # fmt: skip
     add_batch_options(bench)
     bench.add_argument(
         "--hidden-sizes",
@@ -268,39 +323,71 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--address", help="Ray cluster for --workers (default: this machine)")
     bench.add_argument("--json", action="store_true", help="machine-readable output")
     bench.set_defaults(run=run_bench)
-    plot = commands.add_parser("plot", help="loss and accuracy curves of a run, as a PNG")
+    plot = commands.add_parser("plot", help="loss and accuracy curves of a run, as a PNG",
+                               formatter_class=HelpFormatter)  # fmt: skip
     plot.add_argument("run_dir", metavar="OUT", help="the --out folder of a distnum train run")
     plot.add_argument("-o", "--output", default="curves.png", help="PNG file (curves.png)")
     plot.set_defaults(run=run_plot)
     return parser
 
 
-def exit_now(message: str, status: int) -> int:
-    """Print the message and end the process here. By now the run has closed its files and
-    shut its actors and Ray down; but after a compiled graph has lost an actor, the
-    interpreter's own exit can crash in Ray's threads (seen as SIGSEGV after the message),
-    which would hide the status."""
-    print(message, file=sys.stderr)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(status)
+def run(argv: list[str] | None = None) -> int:
+    """The command's exit status: 0 done, 1 the run failed (its last checkpoint kept), 2 bad
+    input (nothing started), 130 stopped by Ctrl-C or SIGTERM (a checkpoint written)."""
+    # the handlers go first, before the imports that take seconds: from here on a signal
+    # stops a training run at a step boundary, and a signal after the run has written its
+    # outputs (its own handlers gone) is too late to stop it and must not kill the process
+    with StopRequests() as early:
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as exit:  # --help, or a usage error already printed
+            return exit.code if isinstance(exit.code, int) else 2
+        if args.command == "train":
+            return outcome(args)
+        if early.signal_name:
+            print(f"distnum: stopped by {early.signal_name}", file=sys.stderr)
+            return 130
+    return outcome(args)  # the other commands stop at Ctrl-C at once
 
 
-def main(argv: list[str] | None = None) -> int:
+def outcome(args: argparse.Namespace) -> int:
+    """args.run(args)'s exit status, each way it can end as one line on stderr."""
     from distnum.checkpoint import CheckpointError
-    from distnum.distributed import WorkerFailed
-    from distnum.training import ConfigError, Diverged, Interrupted
+    from distnum.data import DataError
+    from distnum.run_folder import OutputError, RunFolderError
+    from distnum.training import ConfigError, Diverged, Interrupted, command_line
 
-    args = build_parser().parse_args(argv)
+    command_line.set(True)
     try:
         return args.run(args)
-    except (ConfigError, CheckpointError, DataError, ConnectionError) as error:
+    except (ConfigError, RunFolderError, CheckpointError, DataError, ConnectionError) as error:
         print(f"distnum: error: {error}", file=sys.stderr)
         return 2
-    except (WorkerFailed, Diverged) as error:
-        return exit_now(f"distnum: error: {error}", 1)
+    except (Diverged, OutputError) as error:
+        print(f"distnum: error: {error}", file=sys.stderr)
+        return 1
+    except Exception as error:
+        from distnum.distributed import RayUnavailable, WorkerFailed  # imports Ray
+
+        if isinstance(error, (WorkerFailed, RayUnavailable)):
+            print(f"distnum: error: {error}", file=sys.stderr)
+        else:  # a fault of distnum's own: the whole story, for the bug report
+            traceback.print_exc()
+        return 1
     except Interrupted as interrupted:
-        return exit_now(f"distnum: {interrupted}", 130)
+        print(f"distnum: {interrupted}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print("distnum: interrupted", file=sys.stderr)
         return 130
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The distnum command: runs, then ends the process with run()'s status. By then every
+    file is closed and Ray shut down; ending here skips the interpreter's own exit, which
+    after a compiled graph has lost an actor can crash in Ray's threads (seen as SIGSEGV
+    after the run's last line) and would hide the status."""
+    status = run(argv)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)

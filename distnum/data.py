@@ -2,16 +2,19 @@
 
 Where the files come from, first match wins:
 1. the `data_dir` argument (`--data-dir`), else the DISTNUM_DATA environment variable:
-   a directory named this way must hold the files;
+   a directory named this way must hold the files, under the standard names (gzip-compressed
+   or not) or the dotted ones some mirrors use (train-images.idx3-ubyte);
 2. the per-user cache, $XDG_CACHE_HOME/distnum/<dataset> (~/.cache/distnum/<dataset>),
    and for Fashion-MNIST also /usr/share/datasets/fashion-mnist (Debian's package);
 3. a download from the public mirrors into the cache, each file checked against the MD5 of
    the original and renamed into place only when whole and right.
+
+Every file read is checked whole (gzip CRC, IDX header, length, label range), so a damaged
+file, in the cache or not, is refused with a one-line DataError and never used.
 """
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import http.client
 import os
@@ -30,10 +33,15 @@ LABEL_MAGIC = 2049
 IMAGE_SIDE = 28
 NUM_CLASSES = 10
 DOWNLOAD_TIMEOUT_S = 30
+GZIP_MAGIC = b"\x1f\x8b"
 
 
 class DataError(Exception):
     """A data set that is missing, damaged or cannot be fetched; the message says the fix."""
+
+
+class BadFile(Exception):
+    """What is wrong with one IDX file; read_idx turns it into a DataError naming the file."""
 
 
 @dataclass(frozen=True)
@@ -82,7 +90,7 @@ DATASETS = {
 def dataset_info(dataset: str) -> Dataset:
     try:
         return DATASETS[dataset]
-    except KeyError:
+    except (KeyError, TypeError):  # TypeError: an unhashable dataset=
         raise DataError(
             f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}"
         ) from None
@@ -94,9 +102,16 @@ def cache_dir(dataset: str = "mnist") -> Path:
     return Path(root) / "distnum" / dataset
 
 
+def file_names(stem: str) -> tuple[str, ...]:
+    """The names IDX file `stem` may have, preferred first: the standard one, then the dotted
+    one some mirrors and archives use (train-images.idx3-ubyte), each .gz or uncompressed."""
+    dotted = stem.replace("-idx", ".idx")
+    return tuple(name + suffix for name in (stem, dotted) for suffix in (".gz", ""))
+
+
 def find_file(directory: Path, stem: str) -> Path | None:
-    """The .gz or uncompressed IDX file `stem` in directory, if either is there."""
-    for name in (stem + ".gz", stem):
+    """The IDX file `stem` in directory under any of its names, if it is there."""
+    for name in file_names(stem):
         if (directory / name).is_file():
             return directory / name
     return None
@@ -106,37 +121,65 @@ def has_all_files(directory: Path) -> bool:
     return all(find_file(directory, stem) for stem in FILES.values())
 
 
+def named_dir(data_dir: object) -> tuple[Path, str] | None:
+    """The folder named by the data_dir argument, else by DISTNUM_DATA, and how it was named
+    for messages (`data_dir=DIR (--data-dir)` or `DISTNUM_DATA=DIR`); None if neither names one."""
+    if data_dir is None:
+        named = os.environ.get("DISTNUM_DATA")
+        if not named:
+            return None
+        directory = Path(named).expanduser()
+        return directory, f"DISTNUM_DATA={directory}"
+    if not isinstance(data_dir, (str, os.PathLike)) or not os.fspath(data_dir):
+        raise DataError(
+            f"data_dir={data_dir!r} (--data-dir) is not a folder: give a str or pathlib.Path "
+            f"naming the folder with the IDX files, or None to use DISTNUM_DATA or the cache"
+        )
+    directory = Path(data_dir).expanduser()
+    return directory, f"data_dir={directory} (--data-dir)"
+
+
 def locate(dataset: str = "mnist", data_dir: str | os.PathLike | None = None) -> Path:
     """The directory to read a data set from, downloading it into the cache if need be."""
     info = dataset_info(dataset)
-    named = data_dir if data_dir is not None else os.environ.get("DISTNUM_DATA") or None
+    named = named_dir(data_dir)
     if named is not None:
-        directory = Path(named).expanduser()
-        how = "--data-dir" if data_dir is not None else "DISTNUM_DATA"
+        directory, how = named
         if not directory.is_dir():
             raise DataError(
-                f"{how} {directory} is not a directory; point it at the folder "
+                f"{how} is not a directory; point it at the folder "
                 f"holding the four {info.name} IDX files"
             )
         if not has_all_files(directory):
             missing = [s for s in FILES.values() if not find_file(directory, s)]
             raise DataError(
-                f"{how} {directory} has no {', '.join(missing)} (.gz or "
-                f"uncompressed); put the four {info.name} IDX files there"
+                f"{how} has no {', '.join(missing)} (each .gz or not, or dotted as in "
+                f"train-images.idx3-ubyte); put the four {info.name} IDX files there"
             )
         return directory
     cache = cache_dir(info.name)
     for directory in (cache, *map(Path, info.system_dirs)):
         if has_all_files(directory):
             return directory
+    searched = ", ".join(str(p) for p in (cache, *info.system_dirs))
+    not_found = f"{info.name} not found (looked in DISTNUM_DATA (unset), {searched})"
+    use_own = (
+        "copy the four IDX files into a folder DIR and set DISTNUM_DATA=DIR "
+        "(or pass --data-dir DIR, or data_dir=DIR from Python)"
+    )
+    try:  # before any download: a cache folder that cannot be made or written to
+        cache.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=cache).close()
+    except OSError as error:
+        raise DataError(
+            f"{not_found} and the cache folder {cache} cannot be written to download it into "
+            f"({error.strerror}): {use_own}, or set XDG_CACHE_HOME to a writable folder"
+        ) from None
     try:
         download(info, cache)
     except DataError as failure:
-        searched = ", ".join(str(p) for p in (cache, *info.system_dirs))
         raise DataError(
-            f"{info.name} not found (looked in DISTNUM_DATA (unset), {searched}) and the "
-            f"download failed: {failure}. Offline, copy the four IDX files into a folder and "
-            f"pass --data-dir DIR or set DISTNUM_DATA=DIR"
+            f"{not_found} and the download failed: {failure}. Offline, {use_own}"
         ) from None
     return cache
 
@@ -182,6 +225,10 @@ def fetch(url: str, path: Path, md5: str) -> None:
                 raise DataError(f"{url}: HTTP {error.code} {error.reason}") from None
             except (http.client.IncompleteRead, ConnectionError) as error:
                 raise DataError(f"{url}: truncated transfer ({error})") from None
+            except TimeoutError:
+                raise DataError(
+                    f"{url}: the transfer stalled (no data for {DOWNLOAD_TIMEOUT_S} s)"
+                ) from None
             except (urllib.error.URLError, OSError) as error:
                 reason = getattr(error, "reason", error)
                 raise DataError(f"{url}: cannot connect ({reason})") from None
@@ -196,55 +243,99 @@ def fetch(url: str, path: Path, md5: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def read_idx(path: Path, magic: int) -> np.ndarray:
-    """The uint8 array in an IDX file (gzip or not), checked: magic number, dimensions and
-    length. Anything wrong raises DataError naming the file, the fault and the fix."""
-    fix = f"replace {path} with an intact copy (if it is in the cache, delete it to download again)"
+def gunzip(raw: bytes) -> bytes:
+    """The content of gzip data (one member or several, each CRC-checked); BadFile says what
+    is wrong: not gzip, truncated, corrupt, or bytes after the gzip stream."""
+    if not raw.startswith(GZIP_MAGIC):
+        looks_raw = int.from_bytes(raw[:4], "big") in (IMAGE_MAGIC, LABEL_MAGIC)
+        raise BadFile(
+            "not a gzip file but an uncompressed IDX file: remove .gz from its name"
+            if looks_raw
+            else "not a gzip file"
+        )
+    parts, rest = [], raw
+    while rest.startswith(GZIP_MAGIC):
+        member = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+        try:
+            parts.append(member.decompress(rest))
+        except zlib.error as error:
+            raise BadFile(f"corrupt gzip data ({str(error).rpartition(': ')[2]})") from None
+        if not member.eof:
+            raise BadFile(f"truncated gzip data (the {len(raw)} bytes end mid-stream)")
+        rest = member.unused_data
+    if rest:
+        raise BadFile(
+            f"has {len(rest)} bytes of trailing data after the gzip stream "
+            f"(which ends at byte {len(raw) - len(rest)})"
+        )
+    return b"".join(parts)
+
+
+def parse_idx(path: Path, magic: int) -> np.ndarray:
+    """The uint8 array in IDX file path (gzip or not), checked: readable, magic number,
+    28x28 images, at least one item, exact length, labels 0-9. BadFile says what is wrong."""
+    kind = {IMAGE_MAGIC: "images", LABEL_MAGIC: "labels"}
     try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as f:
-                raw = f.read()
-        else:
-            raw = path.read_bytes()
-    except gzip.BadGzipFile:
-        raise DataError(f"{path}: not a gzip file; {fix}") from None
-    except (EOFError, zlib.error):
-        raise DataError(f"{path}: truncated or corrupt gzip data; {fix}") from None
+        raw = path.read_bytes()
     except OSError as error:
-        raise DataError(f"{path}: cannot read ({error.strerror}); {fix}") from None
+        raise BadFile(f"cannot read ({error.strerror})") from None
+    if not raw:
+        raise BadFile("empty (0 bytes)")
+    if path.suffix == ".gz":
+        raw = gunzip(raw)
     ndim = 3 if magic == IMAGE_MAGIC else 1
     header = 4 + 4 * ndim
     if len(raw) < header:
-        raise DataError(f"{path}: truncated ({len(raw)} bytes, shorter than the IDX header); {fix}")
+        raise BadFile(f"truncated ({len(raw)} bytes, shorter than the IDX header)")
     found = int.from_bytes(raw[:4], "big")
     if found != magic:
-        raise DataError(
-            f"{path}: wrong magic number {found} (expected {magic}: "
-            f"{'images' if magic == IMAGE_MAGIC else 'labels'}); {fix}"
+        raise BadFile(
+            f"holds {kind[found]}, not {kind[magic]} (magic number {found})"
+            if found in kind
+            else f"wrong magic number {found} (expected {magic}: {kind[magic]}), not MNIST IDX"
         )
     dims = tuple(int.from_bytes(raw[4 + 4 * k : 8 + 4 * k], "big") for k in range(ndim))
     if ndim == 3 and dims[1:] != (IMAGE_SIDE, IMAGE_SIDE):
-        raise DataError(f"{path}: images of {dims[1]}x{dims[2]} pixels, expected 28x28; {fix}")
+        raise BadFile(f"images of {dims[1]}x{dims[2]} pixels, expected 28x28")
+    if dims[0] == 0:
+        raise BadFile(f"holds 0 {kind[magic]}")
     expected = header + int(np.prod(dims))
     if len(raw) != expected:
         what = "truncated" if len(raw) < expected else "has trailing bytes"
-        raise DataError(f"{path}: {what} ({len(raw)} bytes, header says {expected}); {fix}")
+        raise BadFile(f"{what} ({len(raw)} bytes, header says {expected})")
     data = np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
-    if ndim == 1 and data.size and data.max() >= NUM_CLASSES:
-        raise DataError(f"{path}: label {data.max()} outside 0-9; {fix}")
+    if ndim == 1 and data.max() >= NUM_CLASSES:
+        raise BadFile(f"label {data.max()} outside 0-9")
     return data
 
 
-def read_split(directory: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+def repair(cached: bool, pair: bool = False) -> str:
+    """How to mend a bad file (or a mismatched pair): in the cache, delete it so that the next
+    run downloads it again; elsewhere, bring an intact copy."""
+    if cached:
+        return f"delete {'both' if pair else 'it'} and run again to download a fresh copy"
+    return "replace both with a matching pair" if pair else "replace it with an intact copy"
+
+
+def read_idx(path: Path, magic: int, cached: bool = False) -> np.ndarray:
+    """parse_idx, its faults as a one-line DataError naming the file, the fault and the fix
+    (`cached`: the file is in the download cache)."""
+    try:
+        return parse_idx(path, magic)
+    except BadFile as fault:
+        raise DataError(f"{path}: {fault}; {repair(cached)}") from None
+
+
+def read_split(directory: Path, split: str, cached: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Raw uint8 images (N, 28, 28) and labels (N,) of split 'train' or 'test'."""
     image_path = find_file(directory, FILES[f"{split}_images"])
     label_path = find_file(directory, FILES[f"{split}_labels"])
-    images = read_idx(image_path, IMAGE_MAGIC)
-    labels = read_idx(label_path, LABEL_MAGIC)
+    images = read_idx(image_path, IMAGE_MAGIC, cached)
+    labels = read_idx(label_path, LABEL_MAGIC, cached)
     if len(images) != len(labels):
         raise DataError(
             f"{image_path} holds {len(images)} images but {label_path} holds "
-            f"{len(labels)} labels; replace them with a matching pair"
+            f"{len(labels)} labels, so they are from different sets; {repair(cached, pair=True)}"
         )
     return images, labels
 
@@ -259,11 +350,17 @@ def load_mnist(
     """((x_train, t_train), (x_test, t_test)) as in the book.
 
     Images are float64, (N, 784) when flatten else (N, 1, 28, 28), in [0, 1] when normalize
-    else in [0, 255]. Labels are class indices (N,), or one-hot float64 (N, 10)."""
+    else in [0, 255]. Labels are class indices (N,), or one-hot float64 (N, 10).
+    Bad arguments or files raise DataError, naming the argument or file and the fix."""
+    flags = {"normalize": normalize, "flatten": flatten, "one_hot_label": one_hot_label}
+    for name, value in flags.items():
+        if not isinstance(value, (bool, np.bool_)):
+            raise DataError(f"{name}={value!r} must be True or False")
     directory = locate(dataset, data_dir)
+    cached = directory == cache_dir(dataset)
     splits = []
     for split in ("train", "test"):
-        images, labels = read_split(directory, split)
+        images, labels = read_split(directory, split, cached)
         x = images.astype(np.float64)
         if normalize:
             x /= 255.0

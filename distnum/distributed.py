@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import collections
 import os
+import re
+import signal
 import socket
+import threading
 import time
 
 import numpy as np
@@ -23,26 +26,49 @@ from distnum.models import ParamLayout
 from distnum.sharding import make_shards
 
 MIN_WAIT_S = 10.0  # the least a step is waited for before the actors are checked
+# a GradientWorker actor's resident memory beyond its parameters, measured with a 784-50-10
+# net on MNIST: the interpreter, numpy, numba and its compiled kernels, Ray's worker
+ACTOR_BASE_BYTES = 135 * 2**20
 
 
 class WorkerFailed(RuntimeError):
     """A worker actor raised an exception or died; the message says which and why."""
 
 
+def shard_slice(engine, size: int, flat: np.ndarray, x: np.ndarray, labels: np.ndarray,
+                h: float) -> np.ndarray:  # fmt: skip
+    """The engine's central differences for a shard of size indices, checked: an engine of
+    the user's that returns something else is a clear error, not a corrupted gradient."""
+    grad = engine(flat, x, labels, h)
+    if not isinstance(grad, np.ndarray) or grad.shape != (size,) or grad.dtype != np.float64:
+        described = (f"a {grad.dtype} array of shape {grad.shape}"
+                     if isinstance(grad, np.ndarray) else type(grad).__name__)  # fmt: skip
+        raise ValueError(f"the engine returned {described} for a shard of {size} indices; "
+                         f"it must return a float64 array of shape ({size},)")  # fmt: skip
+    return grad
+
+
+class RayUnavailable(RuntimeError):
+    """Ray could not be started on this machine."""
+
+
 class LocalGradient:
     """The same computation in this process, over all indices at once: no Ray."""
+
+    num_workers = None  # no worker actors: computed in this process
+    actors_per_node = None
+    restarts = 0
 
     def __init__(self, layout: ParamLayout, engine: str | EngineFactory, h: float,
                  x_train: np.ndarray, t_train: np.ndarray) -> None:  # fmt: skip
         self.engine = make_engine(engine, layout, np.arange(layout.size))
-        self.h, self.x_train, self.t_train = h, x_train, t_train
-        self.num_workers = 0
-        self.actors_per_node: dict[str, int] = {}
+        self.size, self.h, self.x_train, self.t_train = layout.size, h, x_train, t_train
 
     def __call__(self, flat: np.ndarray, batch: np.ndarray) -> tuple[np.ndarray, float]:
         """The gradient (layout.size,) on the minibatch, and the seconds spent computing it."""
         started = time.perf_counter()
-        grad = self.engine(flat, self.x_train[batch], self.t_train[batch], self.h)
+        grad = shard_slice(self.engine, self.size, flat, self.x_train[batch],
+                           self.t_train[batch], self.h)  # fmt: skip
         return grad, time.perf_counter() - started
 
     def close(self) -> None:
@@ -58,7 +84,7 @@ class GradientWorker:
         x_train: np.ndarray, t_train: np.ndarray,
     ) -> None:  # fmt: skip
         self.engine = make_engine(engine, layout, indices)
-        self.h, self.x_train, self.t_train = h, x_train, t_train
+        self.size, self.h, self.x_train, self.t_train = len(indices), h, x_train, t_train
         self.layout = layout
 
     def ready(self) -> str:
@@ -66,13 +92,14 @@ class GradientWorker:
         arrays like the steps' (the parameters arrive read-only); returns the node id."""
         flat = np.zeros(self.layout.size)
         flat.flags.writeable = False
-        self.engine(flat, self.x_train[:2], self.t_train[:2], self.h)
+        shard_slice(self.engine, self.size, flat, self.x_train[:2], self.t_train[:2], self.h)
         return ray.get_runtime_context().get_node_id()
 
     def gradient_slice(self, step: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, float]:
         flat, batch = step
         started = time.perf_counter()
-        grad = self.engine(flat, self.x_train[batch], self.t_train[batch], self.h)
+        grad = shard_slice(self.engine, self.size, flat, self.x_train[batch],
+                           self.t_train[batch], self.h)  # fmt: skip
         return grad, time.perf_counter() - started
 
 
@@ -97,13 +124,16 @@ class ShardedGradient:
         self.num_workers, self.max_restarts, self.restarts = num_workers, max_restarts, 0
         self.buffer_bytes = layout.size * 8 + (1 << 16)  # parameters in, a slice out
         self.graph = None
-        self.workers = [self.new_worker(shard) for shard in self.shards]
-        self.actors_per_node = dict(
-            collections.Counter(ray.get([w.ready.remote() for w in self.workers]))
-        )
-        self.compile()
+        self.workers: list[ray.actor.ActorHandle] = []
         self.expected_compute_s = self.slowest_compute_s = 0.0
         self.patience = 1  # grows when a step outlasts the wait limit with every actor alive
+        try:
+            self.workers = [self.new_worker(shard) for shard in self.shards]
+            self.wait_ready()
+            self.compile()
+        except BaseException:  # leave no actor behind in a Ray the caller keeps
+            self.close()
+            raise
 
     def new_worker(self, shard: np.ndarray) -> ray.actor.ActorHandle:
         engine, layout, h, x_ref, t_ref = self.actor_args
@@ -112,7 +142,13 @@ class ShardedGradient:
 
     def wait_ready(self) -> None:
         """Wait until every actor has its kernels loaded; count the actors on each node."""
-        nodes = ray.get([worker.ready.remote() for worker in self.workers])
+        try:
+            nodes = ray.get([worker.ready.remote() for worker in self.workers])
+        except ray.exceptions.RayTaskError as error:
+            raise worker_failed(error) from None
+        except ray.exceptions.RayActorError as error:
+            raise WorkerFailed(f"a worker actor died while starting: {first_line(error)}"
+                               ) from None  # fmt: skip
         self.actors_per_node = dict(collections.Counter(nodes))
 
     def compile(self) -> None:
@@ -125,30 +161,30 @@ class ShardedGradient:
         worker spent computing its slice."""
         while True:
             try:
-                slices = self.run_graph(flat, batch)
+                gathered, compute_s = self.run_graph(flat, batch)
                 break
             except ray.exceptions.RayTaskError as error:  # the worker's own code raised
-                cause = error.cause if isinstance(error.cause, BaseException) else error
-                raise WorkerFailed(
-                    f"a worker actor raised {type(cause).__name__}: {cause}"
-                ) from None
+                raise worker_failed(error) from None
             except ray.exceptions.RayError as error:  # an actor died, or no answer in time
                 self.recover(error)
-        compute_s = max(s for _, s in slices)
         self.expected_compute_s = min(compute_s, 1.05 * self.expected_compute_s or compute_s)
         self.slowest_compute_s = max(self.slowest_compute_s, compute_s)
         grad = np.empty_like(flat)
-        grad[self.shard_indices] = np.concatenate([g for g, _ in slices])
+        grad[self.shard_indices] = gathered
         return grad, compute_s
 
-    def run_graph(self, flat: np.ndarray, batch: np.ndarray) -> list:
+    def run_graph(self, flat: np.ndarray, batch: np.ndarray) -> tuple[np.ndarray, float]:
+        """The slices concatenated in shard order, and the longest compute time."""
         result = self.graph.execute((flat, batch))
         # ray.get on a compiled graph spins on a CPU while it waits, a CPU the workers need
         # when they are as many as the cores: sleep through most of the expected wait first
         time.sleep(0.95 * self.expected_compute_s)
         # never wait without a limit: a graph that lost an actor may not wake its reader
         limit = max(MIN_WAIT_S, 10 * self.slowest_compute_s) * self.patience
-        return ray.get(result, timeout=limit)
+        slices = ray.get(result, timeout=limit)
+        # the arrays read are views of the graph's channel buffers: copy them out at once, as
+        # a view that outlives the graph (in a traceback, say) crashes the process when freed
+        return np.concatenate([g for g, _ in slices]), max(s for _, s in slices)
 
     def recover(self, error: ray.exceptions.RayError) -> None:
         """After a failed or unanswered step: replace the actors that died, or, when all are
@@ -161,10 +197,9 @@ class ShardedGradient:
         else:
             self.restarts += 1
             if self.restarts > self.max_restarts:
-                first_line = str(error).strip().splitlines()[0]
                 raise WorkerFailed(
                     f"worker actors died {self.restarts} times, more than "
-                    f"--max-worker-restarts {self.max_restarts}; last: {first_line}"
+                    f"--max-worker-restarts {self.max_restarts}; last: {first_line(error)}"
                 ) from None
             for k in dead:
                 ray.kill(self.workers[k])
@@ -191,8 +226,45 @@ class ShardedGradient:
     def close(self) -> None:
         self.teardown_graph()
         for worker in self.workers:
-            ray.kill(worker)
+            try:
+                ray.kill(worker)
+            except ray.exceptions.RayError:
+                pass  # gone already
         self.workers = []
+
+
+def first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def worker_failed(error: ray.exceptions.RayTaskError) -> WorkerFailed:
+    """A worker's own exception as one line: its type and message."""
+    cause = error.cause if isinstance(error.cause, BaseException) else error
+    return WorkerFailed(f"a worker actor raised {type(cause).__name__}: {first_line(cause)}")
+
+
+def default_workers() -> int:
+    """As many worker actors as the cluster has CPUs."""
+    return max(int(ray.cluster_resources().get("CPU", 1)), 1)
+
+
+def worker_count_note(workers: int, layout: ParamLayout) -> str | None:
+    """None when the cluster runs workers actors well; a note when they share its CPUs; a
+    ValueError when their estimated memory exceeds what the cluster has for them."""
+    resources = ray.cluster_resources()
+    each = ACTOR_BASE_BYTES + 8 * layout.size  # the actor's own copy of the parameters
+    available = resources.get("memory", 0)
+    cpus = int(resources.get("CPU", 1))
+    if workers * each > available:
+        raise ValueError(f"{workers} worker actors need about {workers * each / 2**30:.1f} GiB "
+                         f"(about {each / 2**20:.0f} MB each) but the cluster has "
+                         f"{available / 2**30:.1f} GiB for them; give at most "
+                         f"{int(available // each)}, and {cpus} (its CPUs) run best")  # fmt: skip
+    if workers > cpus:
+        return (f"{workers} worker actors share the cluster's {cpus} CPUs (about "
+                f"{each / 2**20:.0f} MB each); more workers than CPUs run no faster")  # fmt: skip
+    return None
 
 
 def connect(address: str | None) -> bool:
@@ -202,26 +274,56 @@ def connect(address: str | None) -> bool:
         return False
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address is None:
-        ray.init(include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+        try:
+            init_keeping_sigterm_handler(include_dashboard=False, log_to_driver=False,
+                                         logging_level="WARNING")  # fmt: skip
+        except Exception as error:  # Ray raises plain Exceptions when its processes fail
+            raise RayUnavailable(f"Ray did not start on this machine: {first_line(error)}"
+                                 ) from None  # fmt: skip
         return True
-    if ":" in address and not address.startswith("ray://"):
-        check_reachable(address)
+    if address != "auto":
+        check_reachable(address.removeprefix("ray://"))
     try:
-        ray.init(address=address, log_to_driver=False, logging_level="WARNING")
+        init_keeping_sigterm_handler(address=address, log_to_driver=False,
+                                     logging_level="WARNING")  # fmt: skip
     except ConnectionError as error:
         hint = ""
-        if os.environ.get("RAY_AUTH_MODE") != "token":
+        if re.search(r"auth|token", str(error), re.IGNORECASE) and (
+            os.environ.get("RAY_AUTH_MODE") != "token"
+        ):
             hint = (
                 "; a cluster started by `ray start` authenticates with a token: set "
                 "RAY_AUTH_MODE=token, with the token in ~/.ray/auth_token or RAY_AUTH_TOKEN"
             )
-        raise ConnectionError(f"cannot join the Ray cluster at {address}: {error}{hint}") from None
+        raise ConnectionError(f"cannot join the Ray cluster at {address}: "
+                              f"{first_line(error)}{hint}") from None  # fmt: skip
     return True
+
+
+def init_keeping_sigterm_handler(**options) -> None:
+    """ray.init, keeping this process's SIGTERM handler: ray.init installs its own (sys.exit
+    at whatever line runs), which would end a run without its checkpoint, and leave Ray's
+    agents behind when it struck during the start."""
+    utils = ray._private.utils
+    if threading.current_thread() is not threading.main_thread() or not hasattr(
+        utils, "set_sigterm_handler"
+    ):
+        ray.init(**options)
+        return
+    ours = signal.getsignal(signal.SIGTERM)
+    set_handler = utils.set_sigterm_handler
+    utils.set_sigterm_handler = lambda handler: None
+    try:
+        ray.init(**options)
+    finally:
+        utils.set_sigterm_handler = set_handler
+        signal.signal(signal.SIGTERM, ours)
+        signal.siginterrupt(signal.SIGTERM, False)  # as StopRequests sets it
 
 
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:
     """A quick TCP check, so that a wrong --address fails in seconds with a clear message."""
-    host, _, port = address.removeprefix("http://").rpartition(":")
+    host, _, port = address.rpartition(":")
     try:
         with socket.create_connection((host, int(port)), timeout=timeout_s):
             pass

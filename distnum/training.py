@@ -6,49 +6,63 @@ theta -= lr * g to the one flat parameter vector. Every 600 steps (one epoch of 
 images in batches of 100, as in the book) and at the end it measures the accuracy on the
 whole training and test sets, and writes a checkpoint from which `--resume` goes on to the
 same bits as a run never interrupted.
+
+Every way a run ends leaves its folder whole: done (outputs written), stopped by Ctrl-C or
+SIGTERM (a checkpoint at the step boundary), a failure (the last checkpoint), killed (the
+last checkpoint). `--resume` finishes each of them.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import contextvars
 import hashlib
+import io
 import json
 import math
-import signal
+import numbers
+import os
+import re
 import sys
-import threading
 import time
-from dataclasses import asdict, dataclass
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 from tqdm import auto as tqdm_auto
 
 from distnum import checkpoint as checkpoints
-from distnum.data import load_mnist
-from distnum.distributed import LocalGradient, ShardedGradient, connect
+from distnum.data import has_all_files, load_mnist, locate
 from distnum.engines import ENGINES, EngineFactory
 from distnum.engines.base import one_blas_thread
-from distnum.gradient import DEFAULT_H, check_h
+from distnum.gradient import DEFAULT_H
 from distnum.models import PARAM_NAMES, TwoLayerNet
+from distnum.run_folder import OutputError, RunFolder, RunFolderError
+from distnum.stopping import StopRequests
 
-# what must stay as it was for a resumed run to be the same run
-SETTINGS = ("batch_size", "lr", "hidden", "weight_init_std", "engine", "h", "seed")
+# the run's own settings: a resumed run keeps them; None in TrainConfig means "not given"
+DEFAULTS = {"iters": 10000, "batch_size": 100, "lr": 0.1, "hidden": 50,
+            "weight_init_std": 0.01, "engine": "fast", "h": DEFAULT_H, "seed": 0}  # fmt: skip
+RAY_ADDRESS = re.compile(r"auto|(ray://)?[A-Za-z0-9._-]+:\d{1,5}")
+MAX_H = 1.0  # a nudge beyond 1 measures no derivative of a net whose weights are ~0.01
 
 
 @dataclass
 class TrainConfig:
-    """The notebook's run by default."""
+    """The notebook's run by default. The run's settings (iters ... seed) left as None take
+    their default (DEFAULTS), or on resume the value the run was started with."""
 
-    iters: int = 10000
-    batch_size: int = 100
-    lr: float = 0.1
-    hidden: int = 50
-    weight_init_std: float = 0.01
+    iters: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    hidden: int | None = None
+    weight_init_std: float | None = None
+    engine: str | EngineFactory | None = None  # "fast", "full", or a factory (layout, indices)
+    h: float | None = None
+    seed: int | None = None
     workers: int | None = None  # None: as many as the CPUs Ray reports
-    engine: str | EngineFactory = "fast"  # a name, or a factory (layout, indices) -> engine
-    h: float = DEFAULT_H
-    seed: int = 0
     data_dir: str | None = None
     out: str | None = None  # None: runs/train-<time>
     address: str | None = None  # None: RAY_ADDRESS, else Ray on this machine
@@ -56,6 +70,7 @@ class TrainConfig:
     quiet: bool = False
     checkpoint_every: int | None = None  # None: every epoch; always at the end
     resume: bool = False  # go on from the newest valid checkpoint in out
+    overwrite: bool = False  # remove the run already in out first
     max_worker_restarts: int = 3
 
 
@@ -68,75 +83,121 @@ class Diverged(RuntimeError):
 
 
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM during training; the message names the step and the outputs."""
+    """Ctrl-C or SIGTERM; the message names the step, the checkpoint and how to go on."""
+
+
+# --- options, named as the user gave them ------------------------------------------------
+
+command_line = contextvars.ContextVar("command_line", default=False)
+
+
+def option(name: str, value: object = ...) -> str:
+    """An option as the user wrote it: `--batch-size 100` for the command line (the CLI sets
+    command_line), `batch_size=100` in Python."""
+    if command_line.get():
+        flag = "--" + name.replace("_", "-")
+        if value is ...:
+            return flag
+        quoted = isinstance(value, str) and (" " in value or not value)
+        return f"{flag} {value!r}" if quoted else f"{flag} {value}"
+    return f"{name}=" if value is ... else f"{name}={value!r}"
 
 
 def check_config(config: TrainConfig) -> None:
-    """Every option that can be checked before the data is read and Ray starts."""
+    """Every option that can be checked before anything is read or Ray starts."""
 
-    def whole(name: str, low: int = 1) -> None:
+    def whole(name: str, low: int) -> None:
         value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ConfigError(f"--{name.replace('_', '-')} {value!r} must be a whole number "
-                              f">= {low}")  # fmt: skip
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < low):  # fmt: skip
+            raise ConfigError(f"{option(name, value)} must be a whole number >= {low}")
 
-    for name in ("iters", "batch_size", "hidden", "max_worker_restarts"):
-        whole(name, 0 if name == "max_worker_restarts" else 1)
-    for name in ("workers", "checkpoint_every"):
-        if getattr(config, name) is not None:
-            whole(name)
-    try:
-        lr = float(config.lr)
-    except (TypeError, ValueError):
-        raise ConfigError(f"--lr {config.lr!r} is not a number; give one > 0, e.g. 0.1") from None
-    if not (math.isfinite(lr) and lr > 0):
-        raise ConfigError(f"--lr {config.lr!r} must be finite and > 0, e.g. 0.1")
-    try:
-        check_h(config.h)
-    except ValueError as error:
-        raise ConfigError(f"--h: {error}") from None
-    if not callable(config.engine) and config.engine not in ENGINES:
-        raise ConfigError(f"--engine {config.engine!r} is unknown; choose one of "
+    def positive(name: str, example: str, high: float = math.inf) -> None:
+        value = getattr(config, name)
+        if value is None:
+            return
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ConfigError(f"{option(name, value)} is not a number; give one such as "
+                              f"{example}")  # fmt: skip
+        if not (math.isfinite(value) and 0 < value <= high):
+            bound = f" and <= {high:g}" if high < math.inf else ""
+            raise ConfigError(f"{option(name, value)} must be finite, > 0{bound}; give one "
+                              f"such as {example}")  # fmt: skip
+
+    for name in ("iters", "batch_size", "hidden", "workers", "checkpoint_every"):
+        whole(name, 1)
+    whole("seed", 0)
+    whole("max_worker_restarts", 0)
+    positive("lr", "0.1")
+    positive("weight_init_std", "0.01")
+    positive("h", "1e-4", MAX_H)
+    engine = config.engine
+    if engine is not None and not callable(engine) and engine not in ENGINES:
+        raise ConfigError(f"{option('engine', engine)} is unknown; choose one of "
                           f"{', '.join(ENGINES)}")  # fmt: skip
-    if config.out is not None and Path(config.out).exists() and not Path(config.out).is_dir():
-        raise ConfigError(f"--out {config.out} is a file; give a folder (new or existing)")
+    for name in ("data_dir", "out", "address"):
+        value = getattr(config, name)
+        if value is not None and not isinstance(value, (str, Path)):
+            raise ConfigError(f"{option(name, value)} must be a path or a string")
+    if not config.local:
+        check_address(config.address)
     if config.resume and config.out is None:
-        raise ConfigError("--resume needs the folder of the run to go on with")
+        raise ConfigError(f"{option('resume')} needs the folder of the run to go on with")
+    if config.resume and config.overwrite:
+        raise ConfigError(f"{option('resume')} and {option('overwrite')} contradict each "
+                          "other; give one")  # fmt: skip
 
 
-def params_sha256(flat: np.ndarray) -> str:
-    """SHA-256 of the flat float64 parameter vector's bytes: one run, one digest."""
-    return hashlib.sha256(np.ascontiguousarray(flat, dtype="<f8").tobytes()).hexdigest()
+def check_address(address: str | None) -> None:
+    """The Ray address given, or else RAY_ADDRESS, must look like one."""
+    given = address is not None
+    if not given:
+        address = os.environ.get("RAY_ADDRESS") or None
+    if address is not None and not RAY_ADDRESS.fullmatch(address):
+        source = option("address", address) if given else f"RAY_ADDRESS={address!r}"
+        raise ConfigError(
+            f"{source} is not a Ray address; give host:port, "
+            "ray://host:port or auto, or leave it out to run Ray on this machine"
+        )
 
 
-def seeded_rngs(seed: int) -> tuple[np.random.Generator, np.random.Generator]:
-    """Independent generators for the initial weights and for the minibatches."""
-    weights, batches = np.random.SeedSequence(seed).spawn(2)
-    return np.random.default_rng(weights), np.random.default_rng(batches)
+def check_settings(settings: dict) -> None:
+    """A run's settings as a checkpoint records them: each present and valid (a custom
+    engine is recorded as "custom")."""
+    if set(settings) != set(DEFAULTS):
+        raise ValueError(f"settings {sorted(settings)} are not {sorted(DEFAULTS)}")
+    values = {k: v for k, v in settings.items() if k != "engine"}
+    check_config(TrainConfig(**values))
+    if settings["engine"] not in (*ENGINES, "custom"):
+        raise ValueError(f"engine {settings['engine']!r} is unknown")
 
 
-class StopRequests:
-    """Ctrl-C (SIGINT) or SIGTERM asks the loop to stop after the step in flight, so that
-    no Ray call is cut in half; a second one stops at once."""
-
-    def __init__(self) -> None:
-        self.signal_name: str | None = None
-        self.previous: dict[int, object] = {}
-
-    def __enter__(self) -> StopRequests:
-        if threading.current_thread() is threading.main_thread():
-            for number in (signal.SIGINT, signal.SIGTERM):
-                self.previous[number] = signal.signal(number, self.request)
-        return self
-
-    def request(self, number: int, frame: object) -> None:
-        if self.signal_name is not None:
-            raise KeyboardInterrupt
-        self.signal_name = signal.Signals(number).name
-
-    def __exit__(self, *exc_info: object) -> None:
-        for number, handler in self.previous.items():
-            signal.signal(number, handler)
+def resolved(config: TrainConfig, saved: checkpoints.Checkpoint | None,
+             out: Path) -> TrainConfig:  # fmt: skip
+    """config with every setting given a value: the run's own on resume (an option given
+    that contradicts it is an error, except a larger iters, which extends the run), else
+    the default."""
+    if saved is None:
+        return replace(config, **{k: v for k, v in DEFAULTS.items() if getattr(config, k) is None})
+    recorded = saved.settings
+    for name in DEFAULTS:
+        given = getattr(config, name)
+        if given is None or name == "iters" or (name == "engine" and callable(given)):
+            continue
+        if given != recorded[name] or recorded[name] == "custom":
+            raise ConfigError(f"{option(name, given)} does not match the run in {out} "
+                              f"({recorded[name]!r}); leave it out to resume that run")  # fmt: skip
+    if recorded["engine"] == "custom" and not callable(config.engine):
+        raise ConfigError(f"the run in {out} used a custom engine; give it again as "
+                          f"{option('engine')}")  # fmt: skip
+    values = {name: recorded[name] for name in DEFAULTS if getattr(config, name) is None}
+    config = replace(config, **values)
+    if config.iters < saved.step:
+        raise ConfigError(
+            f"the run in {out} is at step {saved.step} already, beyond "
+            f"{option('iters', config.iters)}; give a larger one or leave it out"
+        )
+    return config
 
 
 class Progress:
@@ -168,17 +229,25 @@ class Progress:
 
 
 class Metrics:
-    """The loss and seconds of every step and the accuracies of every epoch: kept for the
-    checkpoints, and written to metrics.jsonl as they come."""
+    """The loss and seconds of every step and the accuracies of every evaluation: kept for
+    the checkpoints, and written to metrics.jsonl as they come, from start() on (a run that
+    fails before it starts leaves no file)."""
 
     def __init__(self, path: Path, losses: list, seconds: list, epochs: list) -> None:
+        self.path = path
         self.losses, self.seconds, self.epochs = list(losses), list(seconds), list(epochs)
-        self.file = open(path, "w")  # rewritten from the checkpoint: no steps after it
+        self.file = None
+
+    def start(self) -> None:
+        """Write the file anew from what is kept: a resumed run's has no step after its
+        checkpoint."""
+        self.file = open(self.path, "w")
         for step, (loss, step_s) in enumerate(zip(self.losses, self.seconds, strict=True), 1):
             self._write({"step": step, "loss": loss, "seconds": step_s})
         for step, epoch, train_acc, test_acc in self.epochs:
             self._write({"step": int(step), "epoch": epoch, "train_acc": train_acc,
                          "test_acc": test_acc})  # fmt: skip
+        self.file.flush()
 
     def _write(self, record: dict) -> None:
         self.file.write(json.dumps(record) + "\n")
@@ -194,155 +263,369 @@ class Metrics:
                      "test_acc": test_acc})  # fmt: skip
         self.file.flush()
 
+    def flush(self) -> None:
+        if self.file is not None:
+            self.file.flush()
+
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
 
 
-def restore(config: TrainConfig, out: Path) -> tuple[TrainConfig, checkpoints.Checkpoint]:
-    """The newest valid checkpoint in out, and config with the run's own settings."""
-    saved, skipped = checkpoints.newest(out)
-    for note in skipped:
-        print(f"distnum: skipping a damaged checkpoint: {note}", file=sys.stderr)
-    defaults = TrainConfig()
-    resumed = [name for name in SETTINGS if saved.settings[name] != "custom"]  # custom engines
-    for name in resumed:
-        given, recorded = getattr(config, name), saved.settings[name]
-        if given != getattr(defaults, name) and given != recorded:
-            raise ConfigError(f"--{name.replace('_', '-')} {given} does not match the run in "
-                              f"{out} ({recorded}); leave it out to resume that run")  # fmt: skip
-    config = dataclasses.replace(config, **{name: saved.settings[name] for name in resumed})
-    if saved.step >= config.iters:
-        raise ConfigError(f"the run in {out} is at step {saved.step} already; give --iters "
-                          f"above {saved.step} to go on")  # fmt: skip
-    return config, saved
+def params_sha256(flat: np.ndarray) -> str:
+    """SHA-256 of the flat float64 parameter vector's bytes: one run, one digest."""
+    return hashlib.sha256(np.ascontiguousarray(flat, dtype="<f8").tobytes()).hexdigest()
 
 
-def train(config: TrainConfig | None = None, **options) -> dict:
-    """Run the training, write OUT/metrics.jsonl, OUT/params.npz, OUT/summary.json and the
-    checkpoints, and return the summary. Options are TrainConfig's fields."""
-    config = config or TrainConfig(**options)
-    check_config(config)
-    started = time.perf_counter()
-    out = Path(config.out or time.strftime("runs/train-%Y%m%d-%H%M%S"))
-    saved = None
-    if config.resume:
-        config, saved = restore(config, out)
-    (x_train, t_train), (x_test, t_test) = load_mnist(data_dir=config.data_dir)
-    if config.batch_size > len(x_train):
-        raise ConfigError(f"--batch-size {config.batch_size} is larger than the training set "
-                          f"({len(x_train)} images)")  # fmt: skip
-    weight_rng, batch_rng = seeded_rngs(config.seed)
-    net = TwoLayerNet(x_train.shape[1], config.hidden, 10, config.weight_init_std, weight_rng)
-    first_step = 1
-    if saved is not None:
-        if saved.flat_params.shape != net.flat_params.shape:
-            raise checkpoints.CheckpointError(
-                f"the checkpoint in {out} holds {saved.flat_params.size} parameters, not the "
-                f"{net.layout.size} of a 784-{config.hidden}-10 net; check --hidden"
-            )
-        net.flat_params[:] = saved.flat_params
-        batch_rng.bit_generator.state = saved.rng_state
-        first_step = saved.step + 1
-    out.mkdir(parents=True, exist_ok=True)
+def seeded_rngs(seed: int) -> tuple[np.random.Generator, np.random.Generator]:
+    """Independent generators for the initial weights and for the minibatches."""
+    weights, batches = np.random.SeedSequence(seed).spawn(2)
+    return np.random.default_rng(weights), np.random.default_rng(batches)
 
-    owns_ray = False
-    if config.local:
-        gradient = LocalGradient(net.layout, config.engine, config.h, x_train, t_train)
-    else:
-        owns_ray = connect(config.address)
-        import ray
 
-        workers = config.workers or int(ray.cluster_resources().get("CPU", 1))
-        gradient = ShardedGradient(net.layout, config.engine, config.h, x_train, t_train,
-                                   workers, config.max_worker_restarts)  # fmt: skip
-    iter_per_epoch = max(len(x_train) // config.batch_size, 1)
-    checkpoint_every = config.checkpoint_every or iter_per_epoch
-    settings = {name: getattr(config, name) for name in SETTINGS if name != "engine"}
-    settings["engine"] = config.engine if isinstance(config.engine, str) else "custom"
-    progress = Progress(config.iters, first_step - 1, config.quiet)
-    if saved is None:
-        metrics = Metrics(out / "metrics.jsonl", [], [], [])
-    else:  # an evaluation at the end of the interrupted run is not one of this run's epochs
-        epochs = [tuple(row) for row in saved.epochs if row[0] % iter_per_epoch == 0]
-        metrics = Metrics(out / "metrics.jsonl", saved.step_losses, saved.step_seconds, epochs)
-    last_checkpoint = f"step {saved.step}" if saved else "none yet"
-    step = first_step - 1
-    compute_s = 0.0
-    stop = StopRequests()
+def data_sha256(*arrays: np.ndarray) -> str:
+    """The identity of a data set: SHA-256 of its arrays' bytes, recorded in checkpoints so
+    that a run is never resumed on other data."""
+    digest = hashlib.sha256()
+    for array in arrays:
+        digest.update(np.ascontiguousarray(array).data)
+    return digest.hexdigest()
+
+
+@contextmanager
+def writing(out: Path, last_checkpoint: str) -> Iterator[None]:
+    """A failed write in OUT (a full disk, a folder gone) as one OutputError that says how
+    to go on; the checkpoints are written atomically, so the last one is whole."""
     try:
-        # one BLAS thread: idle OpenBLAS threads spin, on the cores the workers need
-        # overflow shows as a non-finite loss or parameter, which ends the run: no warnings
-        with stop, one_blas_thread(), np.errstate(over="ignore", invalid="ignore"):
-            loop_started = time.perf_counter()
-            for step in range(first_step, config.iters + 1):
-                if stop.signal_name:
-                    raise Interrupted(
-                        f"stopped by {stop.signal_name} after step {step - 1} of "
-                        f"{config.iters}; last checkpoint: {last_checkpoint}, in {out}; "
-                        f"go on with --resume {out}"
-                    )
-                step_started = time.perf_counter()
-                batch = batch_rng.choice(len(x_train), config.batch_size)
-                grad, seconds = gradient(net.flat_params, batch)
-                net.flat_params -= config.lr * grad
-                loss = net.loss(x_train[batch], t_train[batch])
-                if not (math.isfinite(loss) and np.isfinite(net.flat_params).all()):
-                    raise Diverged(
-                        f"diverged at step {step}: the loss is {loss} with --lr {config.lr}; "
-                        f"last good checkpoint: {last_checkpoint}, in {out}; try a smaller --lr"
-                    )
-                compute_s += seconds
-                metrics.step(step, loss, time.perf_counter() - step_started)
-                progress.step(loss)
-                if step % iter_per_epoch == 0 or step == config.iters:
-                    train_acc = net.accuracy(x_train, t_train)
-                    test_acc = net.accuracy(x_test, t_test)
-                    metrics.epoch(step, step / iter_per_epoch, train_acc, test_acc)
-                    progress.line(f"step {step:>6}  epoch {step / iter_per_epoch:6.2f}  "
-                                  f"loss {loss:.4g}  train_acc {train_acc:.4f}  "
-                                  f"test_acc {test_acc:.4f}")  # fmt: skip
-                if step % checkpoint_every == 0 or step == config.iters:
-                    checkpoints.save(out, checkpoints.Checkpoint(
-                        step, net.flat_params, batch_rng.bit_generator.state, settings,
-                        np.array(metrics.losses), np.array(metrics.seconds),
-                        np.array(metrics.epochs).reshape(-1, 4),
-                    ))  # fmt: skip
-                    last_checkpoint = f"step {step}"
-            loop_s = time.perf_counter() - loop_started
-    except KeyboardInterrupt as interrupt:
-        if isinstance(interrupt, Interrupted):
-            raise
+        yield
+    except OSError as error:
+        raise OutputError(f"cannot write in {out} ({error.strerror or error}); last checkpoint: "
+                          f"{last_checkpoint}; free space or fix the folder, then go on with "
+                          f"{option('resume', str(out))}") from None  # fmt: skip
+
+
+class Run:
+    """One training run in its folder: the state a checkpoint holds, and how it is saved."""
+
+    def __init__(self, config: TrainConfig, folder: RunFolder, stop: StopRequests) -> None:
+        self.folder, self.out, self.stop = folder, folder.out, stop
+        self.started = time.perf_counter()
+        out = folder.out
+        self.checkpoints = checkpoints.Checkpoints(out, uuid.uuid4().hex)
+        self.saved = None
+        if config.resume:
+            self.saved, note = self.checkpoints.newest(lambda c: check_settings(c.settings))
+            if note:
+                print(f"distnum: {note}", file=sys.stderr)
+        elif self.folder.run_files():
+            if not config.overwrite:
+                raise RunFolderError(
+                    f"{out} holds a run already; go on with it with {option('resume', str(out))}"
+                    f", or start again there with {option('overwrite')}, or give another "
+                    f"{option('out')}"
+                )
+            self.folder.remove_run()
+        self.config = resolved(config, self.saved, out)
+        self.last_checkpoint = f"step {self.saved.step}" if self.saved else "none yet"
+
+    def load(self) -> None:
+        """Read the data, set up the net and the minibatch generator at the checkpoint's
+        step (or at step 0), and check what needs the data to check."""
+        config, saved = self.config, self.saved
+        data_dir = config.data_dir
+        if data_dir is None and saved is not None and saved.data_dir is not None:
+            data_dir = saved.data_dir if has_all_files(Path(saved.data_dir)) else None
+        self.data_dir = str(locate("mnist", data_dir).resolve())
+        data = load_mnist(data_dir=self.data_dir)
+        (self.x_train, self.t_train), (self.x_test, self.t_test) = data
+        self.data_sha256 = data_sha256(self.x_train, self.t_train, self.x_test, self.t_test)
+        if saved is not None and saved.data_sha256 != self.data_sha256:
+            raise ConfigError(f"the run in {self.out} learned from other data than "
+                              f"{option('data_dir', config.data_dir)} holds; give the data it "
+                              "was started with")  # fmt: skip
+        if config.batch_size > len(self.x_train):
+            raise ConfigError(f"{option('batch_size', config.batch_size)} is larger than the "
+                              f"training set ({len(self.x_train)} images)")  # fmt: skip
+        weight_rng, self.batch_rng = seeded_rngs(config.seed)
+        with np.errstate(over="ignore"):  # check_start says what overflowed, in one line
+            self.net = TwoLayerNet(self.x_train.shape[1], config.hidden, 10,
+                                   config.weight_init_std, weight_rng)  # fmt: skip
+        if saved is None:
+            with np.errstate(over="ignore", invalid="ignore"):
+                self.check_start(self.net)
+        else:
+            if saved.flat_params.shape != self.net.flat_params.shape:
+                raise checkpoints.CheckpointError(
+                    f"the checkpoint in {self.out} holds {saved.flat_params.size} parameters, "
+                    f"not the {self.net.layout.size} of its 784-{config.hidden}-10 net"
+                )
+            self.net.flat_params[:] = saved.flat_params
+            self.batch_rng.bit_generator.state = saved.rng_state
+        self.step = saved.step if saved else 0
+        self.iter_per_epoch = max(len(self.x_train) // config.batch_size, 1)
+        if saved is None:
+            self.metrics = Metrics(self.out / "metrics.jsonl", [], [], [])
+        else:  # an evaluation at the end of a shorter run is not one of this run's epochs
+            epochs = [
+                tuple(row)
+                for row in saved.epochs.tolist()
+                if row[0] % self.iter_per_epoch == 0 or row[0] == self.config.iters
+            ]
+            self.metrics = Metrics(self.out / "metrics.jsonl", saved.step_losses.tolist(),
+                                   saved.step_seconds.tolist(), epochs)  # fmt: skip
+
+    def check_start(self, net: TwoLayerNet) -> None:
+        """The weights and the nudge must make sense before anything is computed."""
+        config, flat = self.config, net.flat_params
+        first_loss = net.loss(self.x_train[: config.batch_size], self.t_train[: config.batch_size])
+        if not (np.isfinite(flat).all() and math.isfinite(first_loss)):
+            raise ConfigError(
+                f"{option('weight_init_std', config.weight_init_std)} makes the "
+                "initial weights or loss overflow; give one such as 0.01"
+            )
+        largest = float(np.abs(flat).max())
+        if largest + config.h == largest:
+            raise ConfigError(
+                f"{option('h', config.h)} vanishes next to weights of size {largest:.2g} "
+                f"(float64 spacing {np.spacing(largest):.1g}), so every difference would be "
+                "0; give one such as 1e-4"
+            )
+
+    def settings(self) -> dict:
+        values = {name: getattr(self.config, name) for name in DEFAULTS}
+        values["engine"] = values["engine"] if isinstance(values["engine"], str) else "custom"
+        return values
+
+    def save_checkpoint(self) -> None:
+        with writing(self.out, self.last_checkpoint):
+            self.checkpoints.save(checkpoints.Checkpoint(
+                self.checkpoints.run_id, self.step, self.net.flat_params,
+                self.batch_rng.bit_generator.state, self.settings(), self.data_sha256,
+                self.data_dir, np.array(self.metrics.losses), np.array(self.metrics.seconds),
+                np.array(self.metrics.epochs).reshape(-1, 4),
+            ))  # fmt: skip
+        self.last_checkpoint = f"step {self.step}"
+
+    def stop_if_asked(self) -> None:
+        """At a step boundary: on a stop request, checkpoint this step (unless it has one)
+        and raise Interrupted."""
+        if self.stop.signal_name is None:
+            return
+        if self.last_checkpoint != f"step {self.step}":
+            self.metrics.flush()
+            self.save_checkpoint()
         raise Interrupted(
-            f"interrupted at step {step} of {config.iters}; last checkpoint: "
-            f"{last_checkpoint}, in {out}; go on with --resume {out}"
-        ) from None
-    finally:
-        metrics.close()
-        progress.close()
-        gradient.close()
+            f"stopped by {self.stop.signal_name} at step {self.step} of {self.config.iters}; "
+            f"checkpoint: step {self.step}, in {self.out}; go on with "
+            f"{option('resume', str(self.out))}"
+        )
+
+    def evaluate(self) -> tuple[float, float]:
+        net = self.net
+        return net.accuracy(self.x_train, self.t_train), net.accuracy(self.x_test, self.t_test)
+
+    def loop(self, gradient, progress: Progress) -> float:
+        """Steps up to iters; returns the seconds the workers spent computing, at most."""
+        config, net, metrics = self.config, self.net, self.metrics
+        checkpoint_every = config.checkpoint_every or self.iter_per_epoch
+        compute_s = 0.0
+        while self.step < config.iters:
+            self.stop_if_asked()
+            step_started = time.perf_counter()
+            batch = self.batch_rng.choice(len(self.x_train), config.batch_size)
+            grad, seconds = gradient(net.flat_params, batch)
+            net.flat_params -= config.lr * grad
+            loss = net.loss(self.x_train[batch], self.t_train[batch])
+            if not (math.isfinite(loss) and np.isfinite(net.flat_params).all()):
+                raise Diverged(
+                    f"diverged at step {self.step + 1}: the loss is {loss} with "
+                    f"{option('lr', config.lr)}; last good checkpoint: {self.last_checkpoint}, "
+                    f"in {self.out}; try a smaller {option('lr')}"
+                )
+            self.step += 1
+            compute_s += seconds
+            with writing(self.out, self.last_checkpoint):
+                metrics.step(self.step, loss, time.perf_counter() - step_started)
+                progress.step(loss)
+                if self.step % self.iter_per_epoch == 0 or self.step == config.iters:
+                    epoch = self.step / self.iter_per_epoch
+                    train_acc, test_acc = self.evaluate()
+                    metrics.epoch(self.step, epoch, train_acc, test_acc)
+                    epoch = self.step / self.iter_per_epoch
+                    progress.line(
+                        f"step {self.step:>6}  epoch {epoch:6.2f}  loss {loss:.4g}  "
+                        f"train_acc {train_acc:.4f}  test_acc {test_acc:.4f}"
+                    )
+            if self.step % checkpoint_every == 0 or self.step == config.iters:
+                self.save_checkpoint()
+        return compute_s
+
+    def write_outputs(self, summary: dict, only_missing: bool = False) -> list[str]:
+        """params.npz and summary.json, each whole or not at all; returns the names
+        written."""
+        buffer = io.BytesIO()
+        np.savez(buffer, **{name: self.net.params[name] for name in PARAM_NAMES})
+        outputs = {
+            "params.npz": buffer.getvalue(),
+            "summary.json": (json.dumps(summary, indent=2) + "\n").encode(),
+        }
+        if only_missing:
+            outputs = {k: v for k, v in outputs.items() if not (self.out / k).exists()}
+        with writing(self.out, self.last_checkpoint):
+            self.metrics.close()
+            for name, data in outputs.items():
+                self.folder.write(name, data)
+        return list(outputs)
+
+    def summary(self, first_step: int, where: dict, loop_s: float, compute_s: float) -> dict:
+        steps_run = self.step - first_step
+        final_step, _, train_acc, test_acc = self.metrics.epochs[-1]
+        assert final_step == self.step, "a finished run ends with an evaluation"
+        return {
+            **{
+                k: v
+                for k, v in asdict(self.config).items()
+                if k not in ("quiet", "resume", "overwrite", "engine")
+            },  # fmt: skip
+            "engine": self.settings()["engine"],
+            "run_id": self.checkpoints.run_id,
+            "data_dir": self.data_dir,
+            "data_sha256": self.data_sha256,
+            **where,
+            "resumed_from_step": self.saved.step if self.saved else None,
+            "steps_run": steps_run,
+            "final_loss": self.metrics.losses[-1],
+            "train_acc": train_acc,
+            "test_acc": test_acc,
+            "wall_s": time.perf_counter() - self.started,
+            "loop_s": loop_s,
+            "steps_per_s": steps_run / loop_s if steps_run else None,
+            "mean_compute_s": compute_s / steps_run if steps_run else None,
+            "params_sha256": params_sha256(self.net.flat_params),
+            "out": str(self.out),
+        }
+
+    def close(self) -> None:
+        if hasattr(self, "metrics"):
+            self.metrics.close()
+
+
+def make_gradient(run: Run):
+    """LocalGradient, or ShardedGradient over Ray (connecting first); and whether this call
+    started Ray (so must shut it down)."""
+    from distnum.distributed import (
+        LocalGradient,
+        ShardedGradient,
+        connect,
+        default_workers,
+        worker_count_note,
+    )
+
+    config, net = run.config, run.net
+    if config.local:
+        return LocalGradient(net.layout, config.engine, config.h, run.x_train, run.t_train), False
+    owns_ray = connect(config.address)
+    try:
+        workers = config.workers or default_workers()
+        try:
+            note = worker_count_note(workers, net.layout)
+        except ValueError as error:
+            raise ConfigError(f"{option('workers', workers)}: {error}") from None
+        if note:
+            print(f"distnum: {note}", file=sys.stderr)
+        gradient = ShardedGradient(net.layout, config.engine, config.h, run.x_train,
+                                   run.t_train, workers, config.max_worker_restarts)  # fmt: skip
+    except BaseException:
         if owns_ray:
             import ray
 
             ray.shutdown()
+        raise
+    return gradient, owns_ray
 
-    np.savez(out / "params.npz", **{name: net.params[name] for name in PARAM_NAMES})
-    steps_run = config.iters - first_step + 1
-    summary = {
-        **{k: v for k, v in asdict(config).items() if k not in ("quiet", "resume")},
-        "engine": settings["engine"],
-        "resumed_from_step": saved.step if saved else None,
-        "workers": gradient.num_workers,
-        "actors_per_node": gradient.actors_per_node,
-        "worker_restarts": getattr(gradient, "restarts", 0),
-        "final_loss": loss,
-        "train_acc": train_acc,
-        "test_acc": test_acc,
-        "wall_s": time.perf_counter() - started,
-        "loop_s": loop_s,
-        "steps_per_s": steps_run / loop_s,
-        "mean_compute_s": compute_s / steps_run,
-        "params_sha256": params_sha256(net.flat_params),
-        "out": str(out),
-    }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+def train(config: TrainConfig | None = None, **options) -> dict:
+    """Run the training, write OUT/metrics.jsonl, OUT/params.npz, OUT/summary.json and the
+    checkpoints, and return the summary. Options are TrainConfig's fields.
+
+    Raises ConfigError, RunFolderError, CheckpointError, DataError (bad input, nothing
+    started), Diverged, WorkerFailed, OutputError (the last checkpoint kept), Interrupted
+    (Ctrl-C or SIGTERM: a checkpoint written). The Ray this call starts it shuts down; a
+    Ray the caller started is left running, with no actor of this run."""
+    if config is not None and options:
+        raise TypeError("give a TrainConfig or options, not both")
+    config = config if config is not None else TrainConfig(**options)
+    check_config(config)
+    out = Path(config.out or time.strftime("runs/train-%Y%m%d-%H%M%S"))
+    folder = RunFolder(out)
+    with StopRequests() as stop:
+        folder.claim()
+        try:
+            run = Run(config, folder, stop)
+            try:
+                return finish(run)
+            finally:
+                run.close()
+        finally:
+            folder.release()
+
+
+def finish(run: Run) -> dict:
+    """Load, connect, loop, write the outputs: the body of train()."""
+    config = run.config
+    run.load()
+    first_step = run.step
+    if first_step == config.iters:  # a finished run resumed: its outputs made again
+        summary = run.summary(first_step, {"local": config.local}, 0.0, 0.0)
+        if not run.metrics.path.exists():
+            with writing(run.out, run.last_checkpoint):
+                run.metrics.start()
+        written = run.write_outputs(summary, only_missing=True)
+        outputs = f"wrote its missing {', '.join(written)}" if written else "its outputs are there"
+        print(f"the run in {run.out} is complete at step {run.step}: {outputs}; give a larger "
+              f"{option('iters')} to go on", flush=True)  # fmt: skip
+        return summary
+    if run.saved is not None:
+        print(f"resumed from step {first_step} of {config.iters} in {run.out}", flush=True)
+    run.stop_if_asked()
+    gradient, owns_ray = None, False
+    progress = Progress(config.iters, first_step, config.quiet)
+    try:
+        # one BLAS thread: idle OpenBLAS threads spin, on the cores the workers need;
+        # overflow shows as a non-finite loss or parameter, which ends the run: no warnings
+        with one_blas_thread(), np.errstate(over="ignore", invalid="ignore"):
+            try:
+                gradient, owns_ray = make_gradient(run)
+            except Exception:
+                run.stop_if_asked()  # Ray's start cut short by the stop: report the stop
+                raise
+            run.stop_if_asked()
+            with writing(run.out, run.last_checkpoint):
+                run.metrics.start()
+            loop_started = time.perf_counter()
+            compute_s = run.loop(gradient, progress)
+            loop_s = time.perf_counter() - loop_started
+    except KeyboardInterrupt as interrupt:  # a second signal, or Ctrl-C outside our handler
+        if isinstance(interrupt, Interrupted):
+            raise
+        raise Interrupted(
+            f"interrupted at step {run.step} of {config.iters}; last checkpoint: "
+            f"{run.last_checkpoint}, in {run.out}; go on with {option('resume', str(run.out))}"
+        ) from None
+    finally:
+        progress.close()
+        if gradient is not None:
+            gradient.close()
+        if owns_ray:
+            import ray
+
+            ray.shutdown()
+    where = {"local": config.local, "workers": gradient.num_workers,
+             "actors_per_node": gradient.actors_per_node,
+             "worker_restarts": gradient.restarts}  # fmt: skip
+    summary = run.summary(first_step, where, loop_s, compute_s)
+    run.write_outputs(summary)
+    if run.stop.signal_name is not None:
+        raise Interrupted(f"stopped by {run.stop.signal_name} after the last step; the run is "
+                          f"complete, its outputs in {run.out}")  # fmt: skip
     return summary

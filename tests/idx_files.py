@@ -22,9 +22,14 @@ def fake_split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def write_fake_mnist(
-    directory: Path, n_train: int = 60, n_test: int = 20, compress: bool = True
+    directory: Path,
+    n_train: int = 60,
+    n_test: int = 20,
+    compress: bool = True,
+    names: dict[str, str] = FILES,
 ) -> dict[str, bytes]:
-    """Write the four files into directory; returns file name -> the bytes written."""
+    """Write the four files into directory, named as in `names` (FILES: the standard names,
+    .gz added when compressed); returns file name -> the bytes written."""
     directory.mkdir(parents=True, exist_ok=True)
     written = {}
     for split, n, seed in (("train", n_train, 1), ("test", n_test, 2)):
@@ -33,7 +38,7 @@ def write_fake_mnist(
             ("images", images, IMAGE_MAGIC),
             ("labels", labels, LABEL_MAGIC),
         ):
-            name = FILES[f"{split}_{kind}"]
+            name = names[f"{split}_{kind}"]
             data = idx_bytes(array, magic)
             if compress:
                 name, data = name + ".gz", gzip.compress(data, mtime=0)

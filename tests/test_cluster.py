@@ -40,7 +40,8 @@ def cluster():
         yield info
     finally:
         local_cluster.stop(state)
-        assert local_cluster.cluster_processes(info["session"]) == []
+        port = int(info["address"].rpartition(":")[2])
+        assert local_cluster.cluster_processes(info["session"], port) == []
 
 
 @pytest.fixture

@@ -5,13 +5,19 @@ from __future__ import annotations
 import gzip
 import hashlib
 import http.server
+import os
+import re
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from idx_files import fake_split, idx_bytes, write_fake_mnist
 
+import distnum.data
 from distnum.data import DATASETS, DataError, Dataset, download, load_mnist, locate
 
 TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
@@ -62,6 +68,25 @@ def test_uncompressed_and_gzip_read_the_same(tmp_path):
     assert np.array_equal(ta, labels)
 
 
+DOTTED = {
+    "train_images": "train-images.idx3-ubyte",
+    "train_labels": "train-labels.idx1-ubyte",
+    "test_images": "t10k-images.idx3-ubyte",
+    "test_labels": "t10k-labels.idx1-ubyte",
+}
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_dotted_names_of_some_mirrors_are_read(tmp_path, compress):
+    write_fake_mnist(tmp_path / "standard")
+    written = write_fake_mnist(tmp_path / "dotted", compress=compress, names=DOTTED)
+    assert sorted(os.listdir(tmp_path / "dotted")) == sorted(written)
+    (a, ta), (b, tb) = load_mnist(data_dir=tmp_path / "standard")
+    (c, tc), (d, td) = load_mnist(data_dir=tmp_path / "dotted")
+    for mine, theirs in ((a, c), (ta, tc), (b, d), (tb, td)):
+        assert np.array_equal(mine, theirs)
+
+
 def test_order_data_dir_then_env_then_cache(tmp_path, monkeypatch, isolated_cache):
     for name in ("arg", "env"):
         write_fake_mnist(tmp_path / name)
@@ -74,11 +99,55 @@ def test_order_data_dir_then_env_then_cache(tmp_path, monkeypatch, isolated_cach
 
 
 def test_named_directory_without_files_is_a_clear_error(tmp_path, monkeypatch):
-    with pytest.raises(DataError, match=r"--data-dir .* has no train-images-idx3-ubyte"):
+    with pytest.raises(DataError, match=r"data_dir=.* \(--data-dir\) has no train-images-idx3"):
         load_mnist(data_dir=tmp_path)
+    with pytest.raises(DataError, match=r"data_dir=.*nowhere \(--data-dir\) is not a directory"):
+        load_mnist(data_dir=tmp_path / "nowhere")
     monkeypatch.setenv("DISTNUM_DATA", str(tmp_path / "nowhere"))
-    with pytest.raises(DataError, match="DISTNUM_DATA .* is not a directory"):
+    with pytest.raises(DataError, match="DISTNUM_DATA=.*nowhere is not a directory"):
         load_mnist()
+
+
+@pytest.mark.parametrize(
+    "arguments, problem",
+    [
+        ({"data_dir": 5}, "data_dir=5 (--data-dir) is not a folder: give a str or pathlib.Path"),
+        ({"data_dir": ""}, "data_dir='' (--data-dir) is not a folder"),
+        ({"data_dir": b"/tmp"}, "data_dir=b'/tmp' (--data-dir) is not a folder"),
+        ({"normalize": "no"}, "normalize='no' must be True or False"),
+        ({"one_hot_label": None}, "one_hot_label=None must be True or False"),
+        ({"dataset": ["mnist"]}, "unknown dataset ['mnist']; choose one of mnist"),
+    ],
+)
+def test_bad_python_arguments_name_the_argument(arguments, problem):
+    with pytest.raises(DataError) as failure:
+        load_mnist(**arguments)
+    assert str(failure.value).startswith(problem) and "\n" not in str(failure.value)
+
+
+@pytest.mark.parametrize("cache_home", ["/proc/x", "{tmp}/a-file"])
+def test_unwritable_cache_names_the_folder_and_the_fix(tmp_path, monkeypatch, cache_home):
+    (tmp_path / "a-file").write_text("not a folder")
+    cache_home = cache_home.format(tmp=tmp_path)
+    monkeypatch.setenv("XDG_CACHE_HOME", cache_home)
+    with pytest.raises(DataError) as failure:
+        load_mnist()
+    message = str(failure.value)
+    assert "\n" not in message
+    assert f"the cache folder {cache_home}/distnum/mnist cannot be written" in message
+    for fix in ("DISTNUM_DATA=DIR", "--data-dir DIR", "data_dir=DIR", "XDG_CACHE_HOME"):
+        assert fix in message
+    assert (tmp_path / "a-file").read_text() == "not a folder"
+
+
+def test_unwritable_cache_from_the_command_line_is_one_line_and_exit_2(monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", "/proc/x")
+    run = subprocess.run(
+        [sys.executable, "-m", "distnum", "bench"], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 2 and run.stdout == ""
+    assert run.stderr.count("\n") == 1 and "Traceback" not in run.stderr
+    assert "/proc/x/distnum/mnist cannot be written" in run.stderr
 
 
 def test_unknown_dataset():
@@ -90,8 +159,12 @@ def test_unknown_dataset():
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
+    """Serves `files` under /mnist/; those in `truncate` cut short of their Content-Length,
+    those in `stall` cut short and then held open for a second."""
+
     files: dict[str, bytes] = {}
     truncate: set[str] = set()
+    stall: set[str] = set()
 
     def do_GET(self):  # noqa: N802 (the http.server API)
         folder, _, name = self.path.rpartition("/")
@@ -102,7 +175,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
-        self.wfile.write(data[: len(data) // 2] if name in self.truncate else data)
+        self.wfile.write(data[: len(data) // 2] if name in self.truncate | self.stall else data)
+        if name in self.stall:
+            self.wfile.flush()
+            time.sleep(1)
 
     def log_message(self, *args):
         pass
@@ -112,7 +188,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 def server(tmp_path):
     """A real HTTP server on 127.0.0.1 serving small generated MNIST .gz files."""
     files = write_fake_mnist(tmp_path / "served")
-    handler = type("Served", (Handler,), {"files": dict(files), "truncate": set()})
+    handler = type("Served", (Handler,), {"files": dict(files), "truncate": set(), "stall": set()})
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -159,6 +235,41 @@ def test_truncated_transfer_leaves_nothing(server, isolated_cache):
     assert_cache_empty(isolated_cache)
 
 
+def test_stalled_transfer_says_so_and_leaves_nothing(server, isolated_cache, monkeypatch):
+    url, handler, md5 = server
+    handler.stall.update(handler.files)
+    monkeypatch.setattr(distnum.data, "DOWNLOAD_TIMEOUT_S", 0.2)
+    with pytest.raises(DataError, match="the transfer stalled \\(no data for 0.2 s\\)"):
+        download(Dataset("mnist", mirrors=(url,), md5=md5), isolated_cache)
+    assert_cache_empty(isolated_cache)
+
+
+@pytest.mark.parametrize(
+    "served",
+    [
+        lambda good: good[: len(good) // 2],  # the mirror's own copy is cut short
+        lambda good: good + b"trailing garbage",
+        lambda good: b"<html>Service Unavailable</html>",
+    ],
+    ids=["truncated", "trailing-garbage", "html-page"],
+)
+def test_mirror_serving_a_damaged_file_keeps_only_whole_files(
+    server, isolated_cache, monkeypatch, served
+):
+    url, handler, md5 = server
+    monkeypatch.setitem(DATASETS, "mnist", Dataset("mnist", mirrors=(url,), md5=md5))
+    name = "t10k-labels-idx1-ubyte.gz"  # the last of the four to be fetched
+    good, handler.files[name] = handler.files[name], served(handler.files[name])
+    with pytest.raises(DataError) as failure:
+        load_mnist()
+    assert f"{name}: wrong checksum" in str(failure.value) and "\n" not in str(failure.value)
+    kept = {p.name: p.read_bytes() for p in isolated_cache.iterdir()}
+    assert kept == {n: data for n, data in handler.files.items() if n != name}  # no partial file
+    handler.files[name] = good  # the mirror mended, the next run fetches only what is missing
+    (x_train, _), _ = load_mnist()
+    assert (isolated_cache / name).read_bytes() == good and x_train.shape == (60, 784)
+
+
 def test_404_leaves_nothing(server, isolated_cache):
     url, _, md5 = server
     with pytest.raises(DataError, match="HTTP 404"):
@@ -191,24 +302,61 @@ def gz(transform):
     return lambda data: gzip.compress(transform(gzip.decompress(data)), mtime=0)
 
 
+def flip_crc(data: bytes) -> bytes:
+    """The gzip data with one bit of its CRC-32 (the 8 bytes before the end) flipped."""
+    return data[:-8] + bytes([data[-8] ^ 1]) + data[-7:]
+
+
+def no_items(data: bytes) -> bytes:
+    """An IDX file's header with its item count set to 0, and nothing after it."""
+    ndim = data[3]
+    return data[:4] + bytes(4) + data[8 : 4 + 4 * ndim]
+
+
 @pytest.mark.parametrize(
     "name, transform, problem",
     [
         (
             "train-images-idx3-ubyte.gz",
             gz(lambda d: (2049).to_bytes(4, "big") + d[4:]),
-            "wrong magic number 2049 \\(expected 2051",
+            "holds labels, not images \\(magic number 2049\\)",
         ),
         (
             "train-labels-idx1-ubyte.gz",
             gz(lambda d: (2051).to_bytes(4, "big") + d[4:]),
-            "wrong magic number 2051 \\(expected 2049",
+            "holds images, not labels \\(magic number 2051\\)",
         ),
-        ("t10k-images-idx3-ubyte.gz", gz(lambda d: d[:-100]), "truncated \\("),
-        ("t10k-images-idx3-ubyte.gz", gz(lambda d: d[:10]), "shorter than the IDX header"),
-        ("t10k-images-idx3-ubyte.gz", lambda d: d[: len(d) // 2], "truncated or corrupt gzip"),
-        ("train-images-idx3-ubyte.gz", gzip.decompress, "not a gzip file"),
-        ("t10k-labels-idx1-ubyte.gz", gz(lambda d: d[:8] + b"\x0c" + d[9:]), "label 12"),
+        (
+            "train-images-idx3-ubyte.gz",
+            gz(lambda d: (2050).to_bytes(4, "big") + d[4:]),
+            "wrong magic number 2050 \\(expected 2051: images\\), not MNIST IDX",
+        ),
+        ("t10k-images-idx3-ubyte.gz", gz(lambda d: d[:-100]), "truncated \\(.* header says"),
+        ("t10k-images-idx3-ubyte.gz", gz(lambda d: d + b"\0"), "has trailing bytes \\("),
+        ("t10k-images-idx3-ubyte.gz", gz(lambda d: d[:10]), "truncated \\(10 bytes, shorter than"),
+        ("t10k-images-idx3-ubyte.gz", lambda d: d[: len(d) // 2], "truncated gzip data"),
+        ("t10k-images-idx3-ubyte.gz", flip_crc, "corrupt gzip data \\(incorrect data check\\)"),
+        (
+            "train-images-idx3-ubyte.gz",
+            lambda d: d + b"<html>",
+            "has 6 bytes of trailing data after the gzip stream",
+        ),
+        (
+            "train-labels-idx1-ubyte.gz",
+            lambda d: d + bytes(512),
+            "has 512 bytes of trailing data after the gzip stream",
+        ),
+        (
+            "train-images-idx3-ubyte.gz",
+            gzip.decompress,
+            "not a gzip file but an uncompressed IDX file: remove .gz from its name",
+        ),
+        ("train-images-idx3-ubyte.gz", lambda d: b"<html>Not Found</html>", "not a gzip file;"),
+        ("t10k-labels-idx1-ubyte.gz", lambda d: b"", "empty \\(0 bytes\\)"),
+        ("train-images-idx3-ubyte.gz", gz(no_items), "holds 0 images"),
+        ("t10k-labels-idx1-ubyte.gz", gz(no_items), "holds 0 labels"),
+        ("t10k-labels-idx1-ubyte.gz", gz(lambda d: d[:8] + b"\x0c" + d[9:]), "label 12 outside"),
+        ("t10k-labels-idx1-ubyte.gz", gz(lambda d: d[:-1] + b"\xff"), "label 255 outside"),
         (
             "t10k-images-idx3-ubyte.gz",
             gz(lambda d: d[:8] + (27).to_bytes(4, "big") + d[12:]),
@@ -217,11 +365,25 @@ def gz(transform):
     ],
 )
 def test_bad_file_gives_clear_error(tmp_path, name, transform, problem):
-    path = damage(tmp_path, name, transform) if write_fake_mnist(tmp_path) else None
-    with pytest.raises(DataError, match=problem) as failure:
+    write_fake_mnist(tmp_path)
+    path = damage(tmp_path, name, transform)
+    with pytest.raises(DataError, match=f"^{re.escape(str(path))}: {problem}") as failure:
         load_mnist(data_dir=tmp_path)
     message = str(failure.value)
-    assert message.startswith(str(path)) and "replace" in message and "\n" not in message
+    assert message.endswith("; replace it with an intact copy") and "\n" not in message
+
+
+def two_members(data: bytes) -> bytes:
+    """The same content as two concatenated gzip members, as `cat a.gz b.gz` makes."""
+    content = gzip.decompress(data)
+    return gzip.compress(content[:9000], mtime=0) + gzip.compress(content[9000:], mtime=0)
+
+
+def test_concatenated_gzip_members_are_one_valid_file(tmp_path):
+    write_fake_mnist(tmp_path)
+    damage(tmp_path, "train-images-idx3-ubyte.gz", two_members)
+    (x_train, _), _ = load_mnist(data_dir=tmp_path)
+    assert np.array_equal(x_train, fake_split(60, 1)[0].reshape(60, 784) / 255.0)
 
 
 def test_image_and_label_counts_differ(tmp_path):
@@ -230,5 +392,25 @@ def test_image_and_label_counts_differ(tmp_path):
     (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(
         gzip.compress(idx_bytes(labels, 2049), mtime=0)
     )
-    with pytest.raises(DataError, match="holds 20 images but .* holds 19 labels"):
+    with pytest.raises(
+        DataError,
+        match="holds 20 images but .* holds 19 labels, so they are from different sets; "
+        "replace both with a matching pair$",
+    ):
         load_mnist(data_dir=tmp_path)
+
+
+def test_damaged_cache_file_is_refused_then_downloaded_again(server, isolated_cache, monkeypatch):
+    url, handler, md5 = server
+    monkeypatch.setitem(DATASETS, "mnist", Dataset("mnist", mirrors=(url,), md5=md5))
+    load_mnist()  # downloads the four files into the cache
+    path = damage(isolated_cache, "t10k-images-idx3-ubyte.gz", flip_crc)
+    with pytest.raises(DataError) as failure:
+        load_mnist()
+    assert str(failure.value) == (
+        f"{path}: corrupt gzip data (incorrect data check); "
+        "delete it and run again to download a fresh copy"
+    )
+    path.unlink()
+    (_, _), (x_test, _) = load_mnist()
+    assert path.read_bytes() == handler.files[path.name] and x_test.shape == (20, 784)

@@ -14,53 +14,28 @@ Bad inputs tried (each a one-line error, exit status 2, before Ray starts):
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import psutil
 import pytest
+from run_helpers import (
+    TINY,
+    checkpoint_steps,
+    gradient_worker_processes,
+    kill_leftovers,
+    newest_checkpoint,
+    reference_sha,
+    start_train,
+    summary_of,
+    wait_until,
+)
 
 from distnum import checkpoint as checkpoints
 from distnum.training import Diverged, train
-
-TINY = ["--batch-size", "10", "--hidden", "8"]  # 60 training images: an epoch is 6 steps
-
-
-def reference_sha(tiny_mnist: Path, tmp_path: Path, iters: int, **options) -> str:
-    """params_sha256 of the same run done in one go, in this process, without Ray."""
-    summary = train(iters=iters, batch_size=10, hidden=8, local=True, quiet=True,
-                    data_dir=str(tiny_mnist), out=str(tmp_path / f"reference-{iters}"),
-                    **options)  # fmt: skip
-    return summary["params_sha256"]
-
-
-def start_train(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "distnum", "train", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-
-
-def wait_until(condition, timeout_s: float, process: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if process is not None and process.poll() is not None:
-            raise AssertionError(f"the run ended early: {process.communicate()}")
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out")
-        time.sleep(0.1)
-
-
-def checkpoint_steps(out: Path) -> list[int]:
-    return sorted(int(p.stem.split("-")[1]) for p in checkpoints.directory(out).glob("*.json"))
-
-
-def summary_of(out: Path) -> dict:
-    return json.loads((out / "summary.json").read_text())
-
 
 # --- checkpoints and resume ---------------------------------------------------------------
 
@@ -113,26 +88,11 @@ def test_a_damaged_newest_checkpoint_is_skipped(tiny_mnist, tmp_path, capsys):
     resumed = train(iters=20, resume=True, local=True, quiet=True, data_dir=str(tiny_mnist),
                     out=str(out))  # fmt: skip
     assert resumed["resumed_from_step"] == 10
-    assert "skipping a damaged checkpoint" in capsys.readouterr().err
+    assert "skipped 1 newer" in capsys.readouterr().err
     assert resumed["params_sha256"] == reference_sha(tiny_mnist, tmp_path, 20)
 
 
 # --- processes killed ------------------------------------------------------------------------
-
-
-def gradient_worker_processes(driver: psutil.Process) -> list[psutil.Process]:
-    return [p for p in driver.children(recursive=True)
-            if any("GradientWorker" in part for part in p.cmdline())]  # fmt: skip
-
-
-def kill_leftovers(processes: list[psutil.Process]) -> None:
-    """End what a SIGKILLed driver could not (its local Ray), so no test leaves processes."""
-    for process in processes:
-        try:
-            process.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(processes, timeout=30)
 
 
 def test_a_killed_worker_is_replaced_and_its_step_redone(tiny_mnist, tmp_path):
@@ -163,8 +123,8 @@ def test_beyond_the_restarts_a_clear_error_and_the_checkpoint_kept(tiny_mnist, t
     assert run.returncode == 1, stderr
     assert "more than --max-worker-restarts 0" in stderr
     assert len(stderr.strip().splitlines()[-1]) > 0
-    saved, skipped = checkpoints.newest(out)
-    assert saved.step >= 6 and skipped == []
+    saved, note = newest_checkpoint(out)
+    assert saved.step >= 6 and note is None
 
 
 def test_driver_killed_with_sigkill_then_resume(tiny_mnist, tmp_path):
@@ -193,13 +153,13 @@ def test_driver_killed_with_sigkill_then_resume(tiny_mnist, tmp_path):
 def test_divergence_stops_at_the_step_and_keeps_the_last_good_checkpoint(tiny_mnist, tmp_path):
     out = tmp_path / "run"
     # 3e307: the parameters grow for a few steps, then the logits overflow
-    with pytest.raises(Diverged, match=r"diverged at step (\d+): the loss is inf with --lr 3e\+307"
+    with pytest.raises(Diverged, match=r"diverged at step (\d+): the loss is inf with lr=3e\+307"
                        ) as failure:  # fmt: skip
         train(iters=100, lr=3e307, checkpoint_every=1, batch_size=10, hidden=8, local=True,
               quiet=True, data_dir=str(tiny_mnist), out=str(out))  # fmt: skip
     step = int(str(failure.value).split()[3].rstrip(":"))
-    saved, skipped = checkpoints.newest(out)
-    assert skipped == [] and saved.step == step - 1 > 0
+    saved, note = newest_checkpoint(out)
+    assert note is None and saved.step == step - 1 > 0
     assert np.isfinite(saved.flat_params).all()
     assert f"last good checkpoint: step {step - 1}" in str(failure.value)
 
@@ -219,8 +179,8 @@ def test_divergence_from_the_command_line(tiny_mnist, tmp_path):
 def finished_run(tiny_mnist, tmp_path_factory) -> Path:
     """A run whose only checkpoint is its end (6 steps, one epoch)."""
     out = tmp_path_factory.mktemp("finished") / "run"
-    train(iters=6, batch_size=10, hidden=8, local=True, quiet=True, data_dir=str(tiny_mnist),
-          out=str(out))  # fmt: skip
+    train(iters=6, batch_size=10, hidden=8, lr=0.5, local=True, quiet=True,
+          data_dir=str(tiny_mnist), out=str(out))  # fmt: skip
     assert checkpoint_steps(out) == [6]
     return out
 
@@ -238,15 +198,15 @@ def flip_a_byte(data: bytes) -> bytes:
 
 
 BAD_INPUTS = {
-    "lr zero": (["--lr", "0"], "--lr 0.0 must be finite and > 0"),
-    "lr negative": (["--lr", "-1"], "--lr -1.0 must be finite and > 0"),
+    "lr zero": (["--lr", "0"], "--lr 0.0 must be finite, > 0"),
+    "lr negative": (["--lr", "-1"], "--lr -1.0 must be finite, > 0"),
     "lr not a number": (["--lr", "abc"], "argument --lr: invalid float value: 'abc'"),
-    "lr nan": (["--lr", "nan"], "--lr nan must be finite and > 0"),
+    "lr nan": (["--lr", "nan"], "--lr nan must be finite, > 0"),
     "batch size 0": (["--batch-size", "0"], "argument --batch-size: 0 must be at least 1"),
     "batch too large": (["--batch-size", "61"], "--batch-size 61 is larger than the training set"),
     "iters 0": (["--iters", "0"], "argument --iters: 0 must be at least 1"),
-    "h zero": (["--h", "0"], "must be finite and > 0"),
-    "h negative": (["--h=-1e-4"], "must be finite and > 0"),
+    "h zero": (["--h", "0"], "--h 0.0 must be finite, > 0 and <= 1"),
+    "h negative": (["--h=-1e-4"], "--h -0.0001 must be finite, > 0 and <= 1"),
     "workers 0": (["--workers", "0"], "argument --workers: 0 must be at least 1"),
     "unknown engine": (["--engine", "slow"], "argument --engine: invalid choice: 'slow'"),
     "data dir without MNIST": (["--data-dir", "{empty}"], "has no train-images-idx3-ubyte"),
@@ -258,12 +218,39 @@ BAD_INPUTS = {
         ["--resume", "{finished}", "--hidden", "20"],
         "--hidden 20 does not match the run",
     ),
+    "resume lr given as the default": (
+        ["--resume", "{finished}", "--lr", "0.1"],
+        "--lr 0.1 does not match the run",
+    ),
+    "resume overwrite too": (
+        ["--resume", "{finished}", "--overwrite"],
+        "--resume and --overwrite contradict each other",
+    ),
+    "seed negative": (["--seed", "-1"], "argument --seed: -1 must be at least 0"),
+    "h huge": (["--h", "1e10"], "--h 10000000000.0 must be finite, > 0 and <= 1"),
+    "h vanishing": (["--h", "1e-300"], "--h 1e-300 vanishes next to weights of size"),
+    "weight init nan": (["--weight-init-std", "nan"], "--weight-init-std nan must be finite"),
+    "weight init overflowing": (
+        ["--weight-init-std", "1e308"],
+        "--weight-init-std 1e+308 makes the initial weights or loss overflow",
+    ),
+    "out holding a run": (["--out", "{finished}"], "holds a run already; go on with it with"),
+    "RAY_ADDRESS garbage": (
+        [],
+        "RAY_ADDRESS='garbage' is not a Ray address",
+        {"RAY_ADDRESS": "garbage"},
+    ),
+    "address garbage": (["--address", "not an address"], "--address 'not an address' is not"),
+    "ray client host unknown": (
+        ["--address", "ray://nohost.invalid:10001"],
+        "cannot reach a Ray cluster at nohost.invalid:10001",
+    ),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_is_one_line_exit_2_before_ray(case, tiny_mnist, finished_run, tmp_path):
-    args, expected = BAD_INPUTS[case]
+    args, expected, *env = BAD_INPUTS[case]
     (tmp_path / "empty").mkdir()
     (tmp_path / "a-file").write_text("not a folder")
     places = {
@@ -274,13 +261,18 @@ def test_bad_input_is_one_line_exit_2_before_ray(case, tiny_mnist, finished_run,
         "truncated": damaged_copy(finished_run, tmp_path / "t", lambda d: d[: len(d) // 2]),
     }
     args = [a.format(**places) if a.startswith("{") else a for a in args]
+    if "--resume" not in args and "--batch-size" not in args:
+        args += TINY
     if "--data-dir" not in args:
         args += ["--data-dir", str(tiny_mnist)]
     if "--out" not in args and "--resume" not in args:
         args += ["--out", str(tmp_path / "out")]
-    run = start_train("--iters", "50", *args) if "--iters" not in args else start_train(*args)
+    env = {**os.environ, **(env[0] if env else {})}
+    iters = ["--iters", "50"] if "--iters" not in args and "--resume" not in args else []
+    run = start_train(*iters, *args, env=env)
     _, stderr = run.communicate(timeout=60)
     assert run.returncode == 2, stderr
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0], stderr
     assert "Traceback" not in stderr and "Token authentication" not in stderr  # Ray never began
+    assert "RAY_AUTH_MODE" not in stderr  # no token hint where tokens are not the problem

@@ -14,6 +14,7 @@ import failing_engine
 import numpy as np
 import psutil
 import pytest
+from run_helpers import assert_nothing_left, descendants, wait_until
 
 from distnum.distributed import WorkerFailed
 from distnum.training import params_sha256, train
@@ -137,13 +138,7 @@ def test_worker_exception_ends_the_run_with_a_clear_error(ray_session, tiny_mnis
     assert gradient_workers() == []
 
 
-def ray_cluster_processes() -> set[int]:
-    names = ("gcs_server", "raylet")
-    return {p.pid for p in psutil.process_iter(["name"]) if p.info["name"] in names}
-
-
 def test_quiet_and_not_a_terminal_prints_a_line_per_epoch(tiny_mnist, tmp_path):
-    before = ray_cluster_processes()
     run = distnum_train(
         "--iters",
         "12",
@@ -156,13 +151,15 @@ def test_quiet_and_not_a_terminal_prints_a_line_per_epoch(tiny_mnist, tmp_path):
         "--out",
         str(tmp_path / "cli"),
     )
+    wait_until(lambda: (tmp_path / "cli" / "metrics.jsonl").exists(), 180, run, poll_s=0.01)
+    ray_processes = descendants(run)
     stdout, stderr = run.communicate(timeout=180)
     assert run.returncode == 0, stderr
     lines = stdout.splitlines()
     assert [line.split()[1] for line in lines if line.startswith("step")] == ["6", "12"]
     assert lines[-1].startswith("done: 12 steps") and "test_acc" in lines[-1]
     assert "step/s" not in stderr and "\r" not in stderr  # no progress bar off a terminal
-    assert ray_cluster_processes() <= before
+    assert_nothing_left(ray_processes)
 
 
 def test_unreachable_address_fails_fast(tiny_mnist, tmp_path):
@@ -185,7 +182,6 @@ def test_unreachable_address_fails_fast(tiny_mnist, tmp_path):
 
 
 def test_ctrl_c_stops_promptly_and_leaves_no_process(tiny_mnist, tmp_path):
-    before = ray_cluster_processes()
     out = tmp_path / "interrupted"
     run = distnum_train(
         "--iters",
@@ -207,11 +203,12 @@ def test_ctrl_c_stops_promptly_and_leaves_no_process(tiny_mnist, tmp_path):
     ):
         time.sleep(0.2)
     assert run.poll() is None, run.communicate()
+    ray_processes = descendants(run)
     run.send_signal(signal.SIGINT)
     stopped = time.monotonic()
     _, stderr = run.communicate(timeout=60)
     assert time.monotonic() - stopped < 30
     assert run.returncode == 130
-    assert "stopped by SIGINT after step" in stderr
-    assert ray_cluster_processes() <= before
+    assert "stopped by SIGINT at step" in stderr
+    assert_nothing_left(ray_processes)
     assert os.path.exists(metrics)

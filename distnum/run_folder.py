@@ -1,0 +1,104 @@
+"""OUT, the folder of one run: claimed with an exclusive lock while the run writes there,
+never holding two runs, and written so that a crash or a full disk leaves whole files.
+
+    OUT/metrics.jsonl   a line per step and per evaluation, as they come
+    OUT/params.npz      the final parameters W1, b1, W2, b2
+    OUT/summary.json    the run's settings and figures
+    OUT/checkpoints/    see distnum.checkpoint
+    OUT/.distnum.lock   held (flock) by the run writing here; holds its pid
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+from pathlib import Path
+
+from distnum import checkpoint as checkpoints
+
+OUTPUTS = ("metrics.jsonl", "params.npz", "summary.json")
+LOCK_NAME = ".distnum.lock"
+
+
+class RunFolderError(ValueError):
+    """OUT cannot take this run: in use, holding another run, or not writable."""
+
+
+class OutputError(RuntimeError):
+    """Writing the run's files failed on the way (a full disk, say); the checkpoints kept
+    are whole."""
+
+
+class RunFolder:
+    """OUT, locked by this process from claim() until release()."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = Path(out)
+        self.lock_fd: int | None = None
+        self.made = False  # whether claim() created OUT
+
+    def claim(self) -> None:
+        """Create OUT if needed and take its lock; RunFolderError when OUT cannot be written
+        or another run holds it. Creating the lock file is also the check that OUT can be
+        written, before any data is read or Ray starts."""
+        try:
+            if self.out.exists() and not self.out.is_dir():
+                raise RunFolderError(f"{self.out} is a file; give a folder")
+            self.made = not self.out.exists()
+            self.out.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.out / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise RunFolderError(f"cannot write in {self.out} ({error.strerror}); give a "
+                                 "folder you can write to") from None  # fmt: skip
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise RunFolderError(f"cannot lock {self.out / LOCK_NAME} ({error.strerror})"
+                                     ) from None  # fmt: skip
+            raise RunFolderError(f"{self.out} is in use by another distnum run (pid {holder}); "
+                                 "wait for it to end or give another folder") from None  # fmt: skip
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.lock_fd = fd
+
+    def release(self) -> None:
+        """Give up the lock; a folder this claim made and nothing was written into goes
+        too, so that a run refused at the start leaves nothing behind."""
+        if self.lock_fd is None:
+            return
+        lock = self.out / LOCK_NAME
+        if self.made and [p.name for p in self.out.iterdir()] == [LOCK_NAME]:
+            lock.unlink()
+            self.out.rmdir()
+        os.close(self.lock_fd)  # closing the file releases the lock
+        self.lock_fd = None
+
+    def run_files(self) -> list[Path]:
+        """The files of a run in OUT, as distnum names them."""
+        found = [self.out / name for name in OUTPUTS if (self.out / name).exists()]
+        folder = checkpoints.directory(self.out)
+        if folder.is_dir():
+            found += sorted(
+                p
+                for p in folder.iterdir()
+                if checkpoints.MANIFEST_NAME.fullmatch(p.with_suffix(".json").name)
+            )
+        return found
+
+    def remove_run(self) -> int:
+        """Remove the files of the run in OUT that distnum wrote (nothing else), for
+        --overwrite; returns how many."""
+        files = self.run_files()
+        for path in files:
+            path.unlink()
+        folder = checkpoints.directory(self.out)
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+        return len(files)
+
+    def write(self, name: str, data: bytes) -> None:
+        checkpoints.write_atomically(self.out / name, data)
