@@ -12,11 +12,13 @@ distnum calls.
 
 A real fault still shows: Ray raises it as an exception (which distnum reports in one line),
 and these loggers still pass their ERROR lines, the graph's and the worker's their WARNINGs.
+DISTNUM_RAY_LOGS=1 leaves them all as Ray sets them, to see what Ray does.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 
 # logger name -> the least level it passes
 QUIET_LEVELS = {
@@ -33,7 +35,10 @@ QUIET_LEVELS = {
 def quiet_ray_logs() -> None:
     """Raise the level of Ray's chatty loggers (QUIET_LEVELS), except those the caller has
     given a level of their own: `logging.getLogger(name).setLevel(logging.INFO)` brings one
-    back. Needs no import of Ray: a logger's level set before its module exists is kept."""
+    back; DISTNUM_RAY_LOGS=1 leaves them all. Needs no import of Ray: a logger's level set
+    before its module exists is kept."""
+    if os.environ.get("DISTNUM_RAY_LOGS") == "1":
+        return
     for name, level in QUIET_LEVELS.items():
         logger = logging.getLogger(name)
         if logger.level == logging.NOTSET:

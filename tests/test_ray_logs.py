@@ -1,5 +1,5 @@
 """None of Ray's own log lines in a run that goes well, on the command line (in Jupyter:
-tests/test_notebook.py); and that the check would see them."""
+tests/test_notebook.py); DISTNUM_RAY_LOGS=1 shows them, and the check sees them."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import sys
 
 from ray_log_lines import ray_log_lines
 
-# a session of Ray alone, without distnum: its own ray.init(), a compiled graph, the teardown
-PLAIN_RAY = """
+# a user's session: distnum imported, their own ray.init(), a compiled graph, its teardown
+USER_SESSION = """
+import distnum
 import ray
 from ray.dag import InputNode
 
@@ -30,12 +31,12 @@ ray.shutdown()
 """
 
 
-def test_the_check_sees_the_lines_ray_writes_without_distnum():
-    """What distnum keeps out (see test_notebook.py for a kernel where the user calls
-    ray.init() after importing distnum), and proof that ray_log_lines sees it."""
+def test_distnum_ray_logs_brings_back_what_the_check_sees():
+    """With DISTNUM_RAY_LOGS=1 Ray's own lines show: what distnum keeps out otherwise (see
+    test_notebook.py for the same session in a kernel), and proof that ray_log_lines sees it."""
     env = {key: value for key, value in os.environ.items() if key != "RAY_AUTH_MODE"}
-    run = subprocess.run([sys.executable, "-c", PLAIN_RAY], capture_output=True, text=True,
-                         timeout=180, env=env)  # fmt: skip
+    run = subprocess.run([sys.executable, "-c", USER_SESSION], capture_output=True, text=True,
+                         timeout=180, env={**env, "DISTNUM_RAY_LOGS": "1"})  # fmt: skip
     assert run.returncode == 0, run.stderr
     said = "\n".join(ray_log_lines(run.stderr))
     for phrase in ("Token authentication is enabled", "Started a local Ray instance",
