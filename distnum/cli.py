@@ -354,8 +354,9 @@ def outcome(args: argparse.Namespace) -> int:
     """args.run(args)'s exit status, each way it can end as one line on stderr."""
     from distnum.checkpoint import CheckpointError
     from distnum.data import DataError
+    from distnum.options import command_line
     from distnum.run_folder import OutputError, RunFolderError
-    from distnum.training import ConfigError, Diverged, Interrupted, command_line
+    from distnum.training import ConfigError, Diverged, Interrupted
 
     command_line.set(True)
     try:

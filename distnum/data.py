@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from distnum.options import option
+
 IMAGE_MAGIC = 2051
 LABEL_MAGIC = 2049
 IMAGE_SIDE = 28
@@ -123,7 +125,8 @@ def has_all_files(directory: Path) -> bool:
 
 def named_dir(data_dir: object) -> tuple[Path, str] | None:
     """The folder named by the data_dir argument, else by DISTNUM_DATA, and how it was named
-    for messages (`data_dir=DIR (--data-dir)` or `DISTNUM_DATA=DIR`); None if neither names one."""
+    for messages (`data_dir='DIR'`, `--data-dir DIR` or `DISTNUM_DATA=DIR`); None if neither
+    names one."""
     if data_dir is None:
         named = os.environ.get("DISTNUM_DATA")
         if not named:
@@ -132,11 +135,11 @@ def named_dir(data_dir: object) -> tuple[Path, str] | None:
         return directory, f"DISTNUM_DATA={directory}"
     if not isinstance(data_dir, (str, os.PathLike)) or not os.fspath(data_dir):
         raise DataError(
-            f"data_dir={data_dir!r} (--data-dir) is not a folder: give a str or pathlib.Path "
+            f"{option('data_dir', data_dir)} is not a folder: give a str or pathlib.Path "
             f"naming the folder with the IDX files, or None to use DISTNUM_DATA or the cache"
         )
     directory = Path(data_dir).expanduser()
-    return directory, f"data_dir={directory} (--data-dir)"
+    return directory, option("data_dir", str(directory))
 
 
 def locate(dataset: str = "mnist", data_dir: str | os.PathLike | None = None) -> Path:
@@ -165,7 +168,7 @@ def locate(dataset: str = "mnist", data_dir: str | os.PathLike | None = None) ->
     not_found = f"{info.name} not found (looked in DISTNUM_DATA (unset), {searched})"
     use_own = (
         "copy the four IDX files into a folder DIR and set DISTNUM_DATA=DIR "
-        "(or pass --data-dir DIR, or data_dir=DIR from Python)"
+        f"(or give {option('data_dir', 'DIR')})"
     )
     try:  # before any download: a cache folder that cannot be made or written to
         cache.mkdir(parents=True, exist_ok=True)

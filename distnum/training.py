@@ -14,7 +14,6 @@ last checkpoint). `--resume` finishes each of them.
 
 from __future__ import annotations
 
-import contextvars
 import hashlib
 import io
 import json
@@ -39,6 +38,7 @@ from distnum.engines import ENGINES, EngineFactory
 from distnum.engines.base import one_blas_thread
 from distnum.gradient import DEFAULT_H
 from distnum.models import PARAM_NAMES, TwoLayerNet
+from distnum.options import option
 from distnum.run_folder import OutputError, RunFolder, RunFolderError
 from distnum.stopping import StopRequests
 
@@ -84,23 +84,6 @@ class Diverged(RuntimeError):
 
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C or SIGTERM; the message names the step, the checkpoint and how to go on."""
-
-
-# --- options, named as the user gave them ------------------------------------------------
-
-command_line = contextvars.ContextVar("command_line", default=False)
-
-
-def option(name: str, value: object = ...) -> str:
-    """An option as the user wrote it: `--batch-size 100` for the command line (the CLI sets
-    command_line), `batch_size=100` in Python."""
-    if command_line.get():
-        flag = "--" + name.replace("_", "-")
-        if value is ...:
-            return flag
-        quoted = isinstance(value, str) and (" " in value or not value)
-        return f"{flag} {value!r}" if quoted else f"{flag} {value}"
-    return f"{name}=" if value is ... else f"{name}={value!r}"
 
 
 def check_config(config: TrainConfig) -> None:
@@ -310,7 +293,7 @@ class Run:
     def __init__(self, config: TrainConfig, folder: RunFolder, stop: StopRequests) -> None:
         self.folder, self.out, self.stop = folder, folder.out, stop
         self.started = time.perf_counter()
-        out = folder.out
+        out = self.out
         self.checkpoints = checkpoints.Checkpoints(out, uuid.uuid4().hex)
         self.saved = None
         if config.resume:
@@ -341,8 +324,8 @@ class Run:
         self.data_sha256 = data_sha256(self.x_train, self.t_train, self.x_test, self.t_test)
         if saved is not None and saved.data_sha256 != self.data_sha256:
             raise ConfigError(f"the run in {self.out} learned from other data than "
-                              f"{option('data_dir', config.data_dir)} holds; give the data it "
-                              "was started with")  # fmt: skip
+                              f"{self.data_dir} holds; give the data it was started with as "
+                              f"{option('data_dir', saved.data_dir)}")  # fmt: skip
         if config.batch_size > len(self.x_train):
             raise ConfigError(f"{option('batch_size', config.batch_size)} is larger than the "
                               f"training set ({len(self.x_train)} images)")  # fmt: skip
@@ -600,6 +583,9 @@ def finish(run: Run) -> dict:
                 run.stop_if_asked()  # Ray's start cut short by the stop: report the stop
                 raise
             run.stop_if_asked()
+            if gradient.actors_per_node:  # where the actors run, for a job's logs
+                nodes = ", ".join(f"{node}: {n}" for node, n in gradient.actors_per_node.items())
+                progress.line(f"{gradient.num_workers} worker actors; per node: {nodes}")
             with writing(run.out, run.last_checkpoint):
                 run.metrics.start()
             loop_started = time.perf_counter()

@@ -18,11 +18,12 @@ TINY = ["--batch-size", "10", "--hidden", "8"]  # 60 training images: an epoch i
 
 
 def reference_sha(tiny_mnist: Path, tmp_path: Path, iters: int, **options) -> str:
-    """params_sha256 of the same run done in one go, in this process, without Ray."""
+    """params_sha256 of the same run done in one go, in this process, without Ray; its
+    outputs in tmp_path/reference-ITERS (and -NAME=VALUE for each option given)."""
+    name = f"reference-{iters}" + "".join(f"-{k}={v}" for k, v in sorted(options.items()))
     options = {"batch_size": 10, "hidden": 8, **options}
     summary = train(iters=iters, local=True, quiet=True, data_dir=str(tiny_mnist),
-                    out=str(tmp_path / f"reference-{iters}-{len(options)}"),
-                    **options)  # fmt: skip
+                    out=str(tmp_path / name), **options)  # fmt: skip
     return summary["params_sha256"]
 
 

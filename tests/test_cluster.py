@@ -66,9 +66,22 @@ def wait_for_job(client, job_id: str, timeout_s: float = 300):
     raise AssertionError(f"job {job_id} did not finish in {timeout_s} s")
 
 
+def submit(client, entrypoint: str, timeout_s: float = 120) -> str:
+    """Submit the job, waiting for the job agent of a cluster that has just started (under
+    load it can take tens of seconds to take jobs: "No available agent")."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return client.submit_job(entrypoint=entrypoint)
+        except RuntimeError as error:
+            if "No available agent" not in str(error) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
+
+
 def test_job_runs_on_both_nodes(jobs, mnist_dir, tmp_path):
     out = tmp_path / "job"
-    job_id = jobs.submit_job(entrypoint=(
+    job_id = submit(jobs, (
         f"distnum train --address auto --iters 60 --workers 2 --data-dir {mnist_dir} "
         f"--out {out} --quiet"
     ))  # fmt: skip
@@ -83,7 +96,7 @@ def test_job_runs_on_both_nodes(jobs, mnist_dir, tmp_path):
 
 
 def test_job_with_a_bad_argument_fails_with_the_error_in_its_logs(jobs, tmp_path):
-    job_id = jobs.submit_job(entrypoint=f"distnum train --engine slow --out {tmp_path}")
+    job_id = submit(jobs, f"distnum train --engine slow --out {tmp_path}")
     status, logs = wait_for_job(jobs, job_id, timeout_s=120)
     assert status == "FAILED"
     assert "argument --engine: invalid choice: 'slow'" in logs

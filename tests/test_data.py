@@ -99,9 +99,9 @@ def test_order_data_dir_then_env_then_cache(tmp_path, monkeypatch, isolated_cach
 
 
 def test_named_directory_without_files_is_a_clear_error(tmp_path, monkeypatch):
-    with pytest.raises(DataError, match=r"data_dir=.* \(--data-dir\) has no train-images-idx3"):
+    with pytest.raises(DataError, match=r"data_dir=.* has no train-images-idx3"):
         load_mnist(data_dir=tmp_path)
-    with pytest.raises(DataError, match=r"data_dir=.*nowhere \(--data-dir\) is not a directory"):
+    with pytest.raises(DataError, match=r"data_dir=.*nowhere' is not a directory"):
         load_mnist(data_dir=tmp_path / "nowhere")
     monkeypatch.setenv("DISTNUM_DATA", str(tmp_path / "nowhere"))
     with pytest.raises(DataError, match="DISTNUM_DATA=.*nowhere is not a directory"):
@@ -111,9 +111,9 @@ def test_named_directory_without_files_is_a_clear_error(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "arguments, problem",
     [
-        ({"data_dir": 5}, "data_dir=5 (--data-dir) is not a folder: give a str or pathlib.Path"),
-        ({"data_dir": ""}, "data_dir='' (--data-dir) is not a folder"),
-        ({"data_dir": b"/tmp"}, "data_dir=b'/tmp' (--data-dir) is not a folder"),
+        ({"data_dir": 5}, "data_dir=5 is not a folder: give a str or pathlib.Path"),
+        ({"data_dir": ""}, "data_dir='' is not a folder"),
+        ({"data_dir": b"/tmp"}, "data_dir=b'/tmp' is not a folder"),
         ({"normalize": "no"}, "normalize='no' must be True or False"),
         ({"one_hot_label": None}, "one_hot_label=None must be True or False"),
         ({"dataset": ["mnist"]}, "unknown dataset ['mnist']; choose one of mnist"),
@@ -135,7 +135,7 @@ def test_unwritable_cache_names_the_folder_and_the_fix(tmp_path, monkeypatch, ca
     message = str(failure.value)
     assert "\n" not in message
     assert f"the cache folder {cache_home}/distnum/mnist cannot be written" in message
-    for fix in ("DISTNUM_DATA=DIR", "--data-dir DIR", "data_dir=DIR", "XDG_CACHE_HOME"):
+    for fix in ("DISTNUM_DATA=DIR", "data_dir='DIR'", "XDG_CACHE_HOME"):
         assert fix in message
     assert (tmp_path / "a-file").read_text() == "not a folder"
 
@@ -284,7 +284,7 @@ def test_offline_message_names_places_and_fix(isolated_cache, monkeypatch):
         load_mnist()
     message = str(failure.value)
     assert "\n" not in message
-    for part in ("DISTNUM_DATA", str(isolated_cache), "cannot connect", "--data-dir"):
+    for part in ("DISTNUM_DATA", str(isolated_cache), "cannot connect", "data_dir="):
         assert part in message
     assert_cache_empty(isolated_cache)
 

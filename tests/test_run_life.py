@@ -129,7 +129,8 @@ def test_resume_on_other_data_is_refused(tiny_mnist, tmp_path):
     local_run(tiny_mnist, out, 6)
     other = tmp_path / "other-data"
     write_fake_mnist(other, n_train=70, n_test=20)
-    with pytest.raises(ConfigError, match="learned from other data than data_dir="):
+    expected = f"learned from other data than {other} holds; give the data it was started"
+    with pytest.raises(ConfigError, match=expected):
         local_run(other, out, 12, resume=True)
 
 

@@ -1,0 +1,19 @@
+"""Options named as the user wrote them: `--batch-size 100` on the command line,
+`batch_size=100` from Python, so that every message names what the user can change."""
+
+from __future__ import annotations
+
+import contextvars
+
+command_line = contextvars.ContextVar("command_line", default=False)  # the CLI sets it
+
+
+def option(name: str, value: object = ...) -> str:
+    """name (a Python argument name), with value when one is given, as the user wrote it."""
+    if command_line.get():
+        flag = "--" + name.replace("_", "-")
+        if value is ...:
+            return flag
+        quoted = isinstance(value, str) and (" " in value or not value)
+        return f"{flag} {value!r}" if quoted else f"{flag} {value}"
+    return f"{name}=" if value is ... else f"{name}={value!r}"
