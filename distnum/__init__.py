@@ -2,6 +2,8 @@
 
 from importlib import import_module
 
+from distnum.ray_logs import quiet_ray_logs
+
 # where each public name lives; imported when first asked for, so that `import distnum`
 # costs nothing (numpy, numba and Ray take seconds) until a name is used
 _PUBLIC = {
@@ -10,8 +12,12 @@ _PUBLIC = {
     "load_mnist": "distnum.data",
     "TrainConfig": "distnum.training",
     "train": "distnum.training",
+    "plot_run": "distnum.plot",
 }
 __all__ = list(_PUBLIC)
+
+# before any ray.init(), the caller's own included: see distnum/ray_logs.py (only logging)
+quiet_ray_logs()
 
 
 def __getattr__(name: str):

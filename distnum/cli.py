@@ -202,16 +202,19 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_plot(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    from distnum.plot import PlotError, plot_run, save_figure
 
-    from distnum.plot import plot_run
-
+    # a file is all the command makes: no window, on any machine (unless MPLBACKEND says)
+    os.environ.setdefault("MPLBACKEND", "Agg")
     try:
-        plot_run(Path(args.run_dir), Path(args.output))
-    except (FileNotFoundError, ImportError) as error:
+        written = save_figure(plot_run(args.run_dir), args.output)
+    except (FileNotFoundError, ImportError, PlotError) as error:
         print(f"distnum: error: {error}", file=sys.stderr)
         return 2
-    print(f"wrote {args.output}")
+    except OSError as error:
+        print(f"distnum: error: cannot write {args.output}: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {written}")
     return 0
 
 

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
+from tqdm import auto as tqdm_auto
 
 from distnum import checkpoint as checkpoints
 from distnum.data import has_all_files, load_mnist, locate
@@ -184,11 +184,17 @@ def resolved(config: TrainConfig, saved: checkpoints.Checkpoint | None,
 
 
 class Progress:
-    """A tqdm bar over iterations on a terminal; otherwise (or quiet) a line per epoch."""
+    """A live bar over the iterations, with the loss and the steps/s, and a line per epoch
+    below it: in Jupyter tqdm's notebook widget, on a terminal its text bar. In logs (stderr
+    neither a terminal nor Jupyter's) or when quiet, only the lines per epoch."""
 
     def __init__(self, total: int, done: int, quiet: bool) -> None:
-        self.bar = tqdm(total=total, initial=done, unit="step", dynamic_ncols=True,
-                        disable=quiet or not sys.stderr.isatty())  # fmt: skip
+        # tqdm.auto takes the widget inside a Jupyter kernel (with ipywidgets), where stderr is
+        # no terminal but a bar is still seen live
+        in_jupyter = tqdm_auto.notebook_tqdm is not tqdm_auto.std_tqdm
+        live = not quiet and (in_jupyter or sys.stderr.isatty())
+        self.bar = tqdm_auto.tqdm(total=total, initial=done, unit="step", dynamic_ncols=True,
+                                  disable=not live)  # fmt: skip
 
     def step(self, loss: float) -> None:
         self.bar.update(1)

@@ -267,7 +267,8 @@ def test_bad_input_is_one_line_exit_2_before_ray(case, tiny_mnist, finished_run,
         args += ["--data-dir", str(tiny_mnist)]
     if "--out" not in args and "--resume" not in args:
         args += ["--out", str(tmp_path / "out")]
-    env = {**os.environ, **(env[0] if env else {})}
+    # Ray's own lines kept (DISTNUM_RAY_LOGS=1), so that its start would show
+    env = {**os.environ, "DISTNUM_RAY_LOGS": "1", **(env[0] if env else {})}
     iters = ["--iters", "50"] if "--iters" not in args and "--resume" not in args else []
     run = start_train(*iters, *args, env=env)
     _, stderr = run.communicate(timeout=60)

@@ -323,8 +323,9 @@ def test_an_out_that_cannot_be_written_is_refused_before_anything(tmp_path, tiny
     (tmp_path / "a-file").write_text("")
     out = out.format(file=tmp_path / "a-file", long=tmp_path / ("x" * 300))
     started = time.monotonic()
+    ray_logs = {**os.environ, "DISTNUM_RAY_LOGS": "1"}  # Ray's own lines: its start would show
     status, _, stderr = finish(start_train("--iters", "5", "--data-dir", str(tiny_mnist),
-                                           "--out", out, *TINY))  # fmt: skip
+                                           "--out", out, *TINY, env=ray_logs))  # fmt: skip
     assert status == 2, stderr
     assert "cannot write in" in one_line(stderr) or "is a file" in one_line(stderr)
     assert "Token authentication" not in stderr  # Ray never started
