@@ -17,3 +17,11 @@ def option(name: str, value: object = ...) -> str:
         quoted = isinstance(value, str) and (" " in value or not value)
         return f"{flag} {value!r}" if quoted else f"{flag} {value}"
     return f"{name}=" if value is ... else f"{name}={value!r}"
+
+
+def resume_hint(out: object) -> str:
+    """How to go on with the run in out: `--resume OUT`, or from Python
+    `train(out='OUT', resume=True)`."""
+    if command_line.get():
+        return option("resume", str(out))
+    return f"train(out={str(out)!r}, resume=True)"

@@ -38,7 +38,7 @@ from distnum.engines import ENGINES, EngineFactory
 from distnum.engines.base import one_blas_thread
 from distnum.gradient import DEFAULT_H
 from distnum.models import PARAM_NAMES, TwoLayerNet
-from distnum.options import option
+from distnum.options import option, resume_hint
 from distnum.run_folder import OutputError, RunFolder, RunFolderError
 from distnum.stopping import StopRequests
 
@@ -284,7 +284,7 @@ def writing(out: Path, last_checkpoint: str) -> Iterator[None]:
     except OSError as error:
         raise OutputError(f"cannot write in {out} ({error.strerror or error}); last checkpoint: "
                           f"{last_checkpoint}; free space or fix the folder, then go on with "
-                          f"{option('resume', str(out))}") from None  # fmt: skip
+                          f"{resume_hint(out)}") from None  # fmt: skip
 
 
 class Run:
@@ -303,7 +303,7 @@ class Run:
         elif self.folder.run_files():
             if not config.overwrite:
                 raise RunFolderError(
-                    f"{out} holds a run already; go on with it with {option('resume', str(out))}"
+                    f"{out} holds a run already; go on with it with {resume_hint(out)}"
                     f", or start again there with {option('overwrite')}, or give another "
                     f"{option('out')}"
                 )
@@ -400,7 +400,7 @@ class Run:
         raise Interrupted(
             f"stopped by {self.stop.signal_name} at step {self.step} of {self.config.iters}; "
             f"checkpoint: step {self.step}, in {self.out}; go on with "
-            f"{option('resume', str(self.out))}"
+            f"{resume_hint(self.out)}"
         )
 
     def evaluate(self) -> tuple[float, float]:
@@ -596,7 +596,7 @@ def finish(run: Run) -> dict:
             raise
         raise Interrupted(
             f"interrupted at step {run.step} of {config.iters}; last checkpoint: "
-            f"{run.last_checkpoint}, in {run.out}; go on with {option('resume', str(run.out))}"
+            f"{run.last_checkpoint}, in {run.out}; go on with {resume_hint(run.out)}"
         ) from None
     finally:
         progress.close()
