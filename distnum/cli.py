@@ -326,7 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     plot = commands.add_parser("plot", help="loss and accuracy curves of a run, as a PNG",
                                formatter_class=HelpFormatter)  # fmt: skip
     plot.add_argument("run_dir", metavar="OUT", help="the --out folder of a distnum train run")
-    plot.add_argument("-o", "--output", default="curves.png", help="PNG file (curves.png)")
+    plot.add_argument("-o", "--output", default="curves.png",
+                      help="the image file; its extension picks the format (.png when it has "
+                      "none; .pdf, .svg, ... as matplotlib writes them)")  # fmt: skip
     plot.set_defaults(run=run_plot)
     return parser
 

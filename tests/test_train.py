@@ -111,10 +111,14 @@ def test_full_engine_trains_the_same_way(ray_session, tiny_mnist, tmp_path):
 
 
 def gradient_workers() -> list[psutil.Process]:
+    """The GradientWorker actors of this process's Ray (its descendants), alive."""
     found = []
-    for process in psutil.process_iter(["cmdline"]):
-        if any("GradientWorker" in part for part in process.info["cmdline"] or []):
-            found.append(process)
+    for process in psutil.Process().children(recursive=True):
+        try:
+            if any("GradientWorker" in part for part in process.cmdline()):
+                found.append(process)
+        except psutil.NoSuchProcess:
+            pass
     return found
 
 
