@@ -137,7 +137,7 @@ def run_bench(args: argparse.Namespace) -> int:
         ]
     }
     if args.workers:
-        from distnum.distributed import connect
+        from distnum.distributed import connect, disconnect
 
         owns_ray = connect(args.address)
         try:
@@ -146,10 +146,7 @@ def run_bench(args: argparse.Namespace) -> int:
                 args.batch_size,
             )  # fmt: skip
         finally:
-            if owns_ray:
-                import ray
-
-                ray.shutdown()
+            disconnect(owns_ray)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0

@@ -300,6 +300,22 @@ def connect(address: str | None) -> bool:
     return True
 
 
+def disconnect(owns_ray: bool) -> None:
+    """ray.shutdown() when this process started the connection (connect() said so), keeping
+    the process's signal handlers: the shutdown leaves SIGTERM's action at the default while
+    Python still names its handler, and a SIGTERM then would kill the process outright,
+    before the run's outputs are written."""
+    if not owns_ray:
+        return
+    ray.shutdown()
+    if threading.current_thread() is threading.main_thread():
+        for number in (signal.SIGINT, signal.SIGTERM):
+            handler = signal.getsignal(number)
+            if callable(handler):
+                signal.signal(number, handler)
+                signal.siginterrupt(number, False)  # as StopRequests sets it
+
+
 def init_keeping_sigterm_handler(**options) -> None:
     """ray.init, keeping this process's SIGTERM handler: ray.init installs its own (sys.exit
     at whatever line runs), which would end a run without its checkpoint, and leave Ray's

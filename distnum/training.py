@@ -501,6 +501,7 @@ def make_gradient(run: Run):
         ShardedGradient,
         connect,
         default_workers,
+        disconnect,
         worker_count_note,
     )
 
@@ -519,10 +520,7 @@ def make_gradient(run: Run):
         gradient = ShardedGradient(net.layout, config.engine, config.h, run.x_train,
                                    run.t_train, workers, config.max_worker_restarts)  # fmt: skip
     except BaseException:
-        if owns_ray:
-            import ray
-
-            ray.shutdown()
+        disconnect(owns_ray)
         raise
     return gradient, owns_ray
 
@@ -603,9 +601,9 @@ def finish(run: Run) -> dict:
         if gradient is not None:
             gradient.close()
         if owns_ray:
-            import ray
+            from distnum.distributed import disconnect
 
-            ray.shutdown()
+            disconnect(owns_ray)
     where = {"local": config.local, "workers": gradient.num_workers,
              "actors_per_node": gradient.actors_per_node,
              "worker_restarts": gradient.restarts}  # fmt: skip

@@ -510,3 +510,24 @@ def test_too_many_workers_for_the_clusters_memory_is_refused(tiny_mnist, tmp_pat
     line = one_line(stderr)
     assert "--workers 100000: 100000 worker actors need about" in line and "give at most" in line
     assert not (tmp_path / "run").exists()  # a refused run leaves nothing behind
+
+
+AFTER_SHUTDOWN = """
+import os, signal, time
+from distnum.distributed import connect, disconnect
+from distnum.stopping import StopRequests
+with StopRequests() as stop:
+    disconnect(connect(None))
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.5)
+    print("stop requested by", stop.signal_name, flush=True)
+"""
+
+
+def test_a_sigterm_after_rays_shutdown_is_still_a_stop_request():
+    """ray.shutdown() leaves SIGTERM's action at the default under Python's handler: the
+    run's outputs come after it, and a SIGTERM then killed the process (exit -15)."""
+    done = subprocess.run([sys.executable, "-c", AFTER_SHUTDOWN], capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "stop requested by SIGTERM"
