@@ -24,6 +24,7 @@ from ray.dag import InputNode, MultiOutputNode
 from distnum.engines import EngineFactory, make_engine
 from distnum.models import ParamLayout
 from distnum.sharding import make_shards
+from distnum.stopping import install
 
 MIN_WAIT_S = 10.0  # the least a step is waited for before the actors are checked
 # a GradientWorker actor's resident memory beyond its parameters, measured with a 784-50-10
@@ -312,8 +313,7 @@ def disconnect(owns_ray: bool) -> None:
         for number in (signal.SIGINT, signal.SIGTERM):
             handler = signal.getsignal(number)
             if callable(handler):
-                signal.signal(number, handler)
-                signal.siginterrupt(number, False)  # as StopRequests sets it
+                install(number, handler)
 
 
 def init_keeping_sigterm_handler(**options) -> None:
@@ -333,8 +333,7 @@ def init_keeping_sigterm_handler(**options) -> None:
         ray.init(**options)
     finally:
         utils.set_sigterm_handler = set_handler
-        signal.signal(signal.SIGTERM, ours)
-        signal.siginterrupt(signal.SIGTERM, False)  # as StopRequests sets it
+        install(signal.SIGTERM, ours)
 
 
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:

@@ -10,6 +10,16 @@ import signal
 import threading
 
 
+def install(number: int, handler):
+    """signal.signal(number, handler), with the system calls it interrupts restarted: the
+    handlers here only set a flag, and C extensions (Ray's C++, numba's) expect to go on
+    rather than fail with EINTR. Returns the handler it replaces."""
+    previous = signal.signal(number, handler)
+    if callable(handler):
+        signal.siginterrupt(number, False)
+    return previous
+
+
 class StopRequests:
     """Ctrl-C (SIGINT) or SIGTERM asks the run to stop at the next step boundary, so that no
     Ray call is cut in half and a checkpoint can be written; a second one stops at once.
@@ -22,13 +32,10 @@ class StopRequests:
     def __enter__(self) -> StopRequests:
         if threading.current_thread() is threading.main_thread():
             for number in (signal.SIGINT, signal.SIGTERM):
-                self.previous[number] = signal.signal(number, self.request)
+                self.previous[number] = install(number, self.request)
                 outer = getattr(self.previous[number], "__self__", None)
                 if isinstance(outer, StopRequests) and outer.signal_name:  # the CLI's
                     self.signal_name = outer.signal_name
-                # the handler only sets a flag: let the system calls it interrupts go on,
-                # as C extensions (Ray's C++, numba's) expect, rather than fail with EINTR
-                signal.siginterrupt(number, False)
         return self
 
     def request(self, number: int, frame: object) -> None:
