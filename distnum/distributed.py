@@ -276,7 +276,7 @@ def connect(address: str | None) -> bool:
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address is None:
         try:
-            init_keeping_sigterm_handler(include_dashboard=False, log_to_driver=False,
+            init_keeping_signal_handlers(include_dashboard=False, log_to_driver=False,
                                          logging_level="WARNING")  # fmt: skip
         except Exception as error:  # Ray raises plain Exceptions when its processes fail
             raise RayUnavailable(f"Ray did not start on this machine: {first_line(error)}"
@@ -285,7 +285,7 @@ def connect(address: str | None) -> bool:
     if address != "auto":
         check_reachable(address.removeprefix("ray://"))
     try:
-        init_keeping_sigterm_handler(address=address, log_to_driver=False,
+        init_keeping_signal_handlers(address=address, log_to_driver=False,
                                      logging_level="WARNING")  # fmt: skip
     except ConnectionError as error:
         hint = ""
@@ -302,37 +302,36 @@ def connect(address: str | None) -> bool:
 
 
 def disconnect(owns_ray: bool) -> None:
-    """ray.shutdown() when this process started the connection (connect() said so), keeping
-    the process's signal handlers: the shutdown leaves SIGTERM's action at the default while
-    Python still names its handler, and a SIGTERM then would kill the process outright,
-    before the run's outputs are written."""
-    if not owns_ray:
-        return
-    ray.shutdown()
-    if threading.current_thread() is threading.main_thread():
-        for number in (signal.SIGINT, signal.SIGTERM):
-            handler = signal.getsignal(number)
-            if callable(handler):
-                install(number, handler)
+    """ray.shutdown() when this process started the connection (connect() said so)."""
+    if owns_ray:
+        ray.shutdown()
 
 
-def init_keeping_sigterm_handler(**options) -> None:
-    """ray.init, keeping this process's SIGTERM handler: ray.init installs its own (sys.exit
-    at whatever line runs), which would end a run without its checkpoint, and leave Ray's
-    agents behind when it struck during the start."""
-    utils = ray._private.utils
-    if threading.current_thread() is not threading.main_thread() or not hasattr(
-        utils, "set_sigterm_handler"
+def init_keeping_signal_handlers(**options) -> None:
+    """ray.init, keeping this process's SIGTERM handler, during the run and after it.
+
+    ray.init installs its own handler (sys.exit at whatever line runs), which would end a
+    run without its checkpoint, and leave Ray's agents behind when it struck during the
+    start: ours is put back. And Ray's failure signal handler (abseil's, which prints C++
+    stacks on a crash) stays out of the driver: ray.shutdown() uninstalls it by resetting
+    SIGTERM's action to the default under Python's handler, and a SIGTERM during the
+    shutdown's ~0.5 s then killed the process before the run's outputs were written."""
+    utils, constants = ray._private.utils, ray._private.ray_constants
+    if threading.current_thread() is not threading.main_thread() or not (
+        hasattr(utils, "set_sigterm_handler")
+        and hasattr(constants, "RAY_DISABLE_FAILURE_SIGNAL_HANDLER")
     ):
         ray.init(**options)
         return
     ours = signal.getsignal(signal.SIGTERM)
-    set_handler = utils.set_sigterm_handler
+    set_handler, disabled = utils.set_sigterm_handler, constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER
     utils.set_sigterm_handler = lambda handler: None
+    constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True  # read when the driver's core starts
     try:
         ray.init(**options)
     finally:
         utils.set_sigterm_handler = set_handler
+        constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = disabled
         install(signal.SIGTERM, ours)
 
 
