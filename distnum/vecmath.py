@@ -35,7 +35,7 @@ JIT = {"nogil": True, "cache": True, "error_model": "numpy"}
 
 
 @intrinsic
-def _bits_of(typingctx, x):
+def bits_of(typingctx, x):
     """The IEEE-754 bits of a float64, as an int64."""
 
     def codegen(context, builder, signature, args):
@@ -81,7 +81,7 @@ def exp(x: float) -> float:
     s2 = fma(fma(r, 1.0 / 39916800, 1.0 / 3628800), r2, fma(r, 1.0 / 362880, 1.0 / 40320))
     s3 = fma(r, 1.0 / 6227020800, 1.0 / 479001600)
     p = fma(fma(s3, r4, s2), r4 * r4, fma(s1, r4, s0))
-    k_int = _bits_of(t) - ROUND_BITS
+    k_int = bits_of(t) - ROUND_BITS
     half = k_int >> 1
     return p * _float_of((half + 1023) << 52) * _float_of((k_int - half + 1023) << 52)
 
@@ -92,7 +92,7 @@ def log(x: float) -> float:
     by its odd series to s**23. Subnormal x are scaled by 2**54 first."""
     subnormal = x < 2.2250738585072014e-308
     scaled = x * 18014398509481984.0 if subnormal else x
-    bits = _bits_of(scaled) - SQRT_HALF_BITS
+    bits = bits_of(scaled) - SQRT_HALF_BITS
     k = (bits >> 52) - (54 if subnormal else 0)
     m = _float_of((bits & MANTISSA) + SQRT_HALF_BITS)
     s = (m - 1.0) / (m + 1.0)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from distnum.engines import FastEngine, FullEngine, make_engine
+from distnum.engines import FastEngine, FullEngine, first_layer, make_engine
 from distnum.gradcheck import sample_indices, train_with_backprop
 from distnum.models import TwoLayerNet
 
@@ -125,3 +125,22 @@ def test_float32_and_bad_indices_and_unknown_engine_are_refused():
         FullEngine(net.layout, np.array([23]))
     with pytest.raises(ValueError, match="unknown engine 'slow'; choose one of fast, full"):
         make_engine("slow", net.layout, np.arange(5))
+
+
+def test_input_entries_give_each_samples_distinct_values_once():
+    rng = np.random.default_rng(3)
+    x = rng.choice([0.0, 0.0, 0.0, 1.0, 0.5, 1 / 255, 7.25, -3.0], size=(9, 40))
+    x[4] = 0.0  # a blank image: the bias entry alone
+    entries = first_layer.input_entries(x)
+    pixel_of = np.repeat(np.arange(41), np.diff(entries.pixel_start))
+    assert list(entries.pixel_start[[0, -1]]) == [0, np.count_nonzero(x) + 9]
+    # each entry's value and sample are those of its pixel; the bias is 1.0
+    with_bias = np.hstack([x, np.ones((9, 1))])
+    samples = entries.value_sample[entries.value_id]
+    assert np.array_equal(entries.value[entries.value_id], with_bias[samples, pixel_of])
+    for i in range(41):  # a pixel's entries in sample order, its zeros left out
+        in_pixel = samples[entries.pixel_start[i] : entries.pixel_start[i + 1]]
+        assert np.array_equal(in_pixel, np.flatnonzero(with_bias[:, i]))
+    # one value id per distinct (sample, value) pair
+    pairs = {(n, v) for n, v in zip(entries.value_sample, entries.value, strict=True)}
+    assert len(pairs) == entries.value.size == sum(len(set(row[row != 0])) for row in with_bias)

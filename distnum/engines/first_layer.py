@@ -21,7 +21,7 @@ from typing import NamedTuple
 import numba
 import numpy as np
 
-from distnum.vecmath import JIT, exp, fma, log, sigmoid
+from distnum.vecmath import JIT, bits_of, exp, fma, log, sigmoid
 
 
 class InputEntries(NamedTuple):
@@ -44,40 +44,41 @@ def input_entries(x: np.ndarray) -> InputEntries:
 @numba.njit(**JIT)
 def _input_entries(x):
     batch_size, input_size = x.shape
+    # a sample's distinct values found through a small hash table of their bits: which of
+    # two equal values is evaluated does not matter, their nudged networks are the same
+    table_size = 1 << max(int(np.ceil(np.log2(2 * (input_size + 1)))), 4)
+    slot_value_id = np.full(table_size, -1, dtype=np.int64)
+    used_slots = np.empty(input_size + 1, dtype=np.int64)
+    pixel_count = np.zeros(input_size + 1, dtype=np.int64)
     entry_pixel = np.empty(x.size + batch_size, dtype=np.int64)
     entry_value_id = np.empty(x.size + batch_size, dtype=np.int64)
-    row_end = np.empty(batch_size, dtype=np.int64)
-    values = np.empty(x.size + batch_size)
-    pixel_count = np.zeros(input_size + 1, dtype=np.int64)
+    distinct = np.empty(x.size + batch_size)
+    value_sample = np.empty(x.size + batch_size, dtype=np.int64)
     e = 0
     num_values = 0
     for n in range(batch_size):
-        # this sample's entries, the bias (pixel I, value 1.0) last
-        start = e
-        for i in range(input_size + 1):
+        num_used = 0
+        for i in range(input_size + 1):  # this sample's entries, the bias (pixel I, 1.0) last
             v = 1.0 if i == input_size else x[n, i]
-            if v != 0.0:
-                entry_pixel[e] = i
-                values[e] = v
-                pixel_count[i] += 1
-                e += 1
-        row_end[n] = e
-        # its distinct values, in increasing order, numbered from num_values on
-        order = np.argsort(values[start:e], kind="mergesort")
-        previous = np.nan
-        for q in range(order.size):
-            v = values[start + order[q]]
-            if v != previous:
-                previous = v
+            if v == 0.0:
+                continue
+            bits = bits_of(v)
+            slot = ((bits * -7046029254386353131) >> 40) & (table_size - 1)
+            while slot_value_id[slot] >= 0 and distinct[slot_value_id[slot]] != v:
+                slot = (slot + 1) & (table_size - 1)
+            if slot_value_id[slot] < 0:
+                slot_value_id[slot] = num_values
+                used_slots[num_used] = slot
+                num_used += 1
+                distinct[num_values] = v
+                value_sample[num_values] = n
                 num_values += 1
-            entry_value_id[start + order[q]] = num_values - 1
-    distinct = np.empty(num_values)
-    value_sample = np.empty(num_values, dtype=np.int64)
-    for n in range(batch_size):
-        start = 0 if n == 0 else row_end[n - 1]
-        for q in range(start, row_end[n]):
-            distinct[entry_value_id[q]] = values[q]
-            value_sample[entry_value_id[q]] = n
+            entry_pixel[e] = i
+            entry_value_id[e] = slot_value_id[slot]
+            pixel_count[i] += 1
+            e += 1
+        for u in range(num_used):
+            slot_value_id[used_slots[u]] = -1
     # entries ordered by pixel, then sample (a counting sort, stable in sample order)
     pixel_start = np.zeros(input_size + 2, dtype=np.int64)
     pixel_start[1:] = np.cumsum(pixel_count)
@@ -86,7 +87,7 @@ def _input_entries(x):
     for q in range(e):
         value_id[fill[entry_pixel[q]]] = entry_value_id[q]
         fill[entry_pixel[q]] += 1
-    return pixel_start, value_id, value_sample, distinct
+    return pixel_start, value_id, value_sample[:num_values].copy(), distinct[:num_values].copy()
 
 
 @numba.njit(**JIT)
