@@ -16,11 +16,33 @@ flag lets LLVM reassociate or fuse, and each fused multiply-add is asked for exp
 
 from __future__ import annotations
 
+import os
+
 import numba
 import numpy as np
-from llvmlite import ir
+from llvmlite import binding, ir
 from numba import types
+from numba.core import config, registry
 from numba.extending import intrinsic
+
+
+def prefer_wide_vectors() -> bool:
+    """On a CPU with AVX-512, let LLVM vectorise with 512-bit registers, where it prefers 256
+    bits by default: the fast engine runs about 12 % faster, with the same bits, as each lane
+    computes what the scalar code would. It is a setting of numba's for the whole process,
+    so it applies only before numba's first compilation here, and never over the user's own
+    NUMBA_CPU_FEATURES or NUMBA_CPU_NAME. Returns whether it applied."""
+    chosen = "NUMBA_CPU_FEATURES" in os.environ or "NUMBA_CPU_NAME" in os.environ
+    if chosen or "_toplevel_target_context" in vars(registry.cpu_target):
+        return False
+    features = binding.get_host_cpu_features().flatten()
+    if "+avx512f" not in features.split(","):
+        return False
+    config.CPU_FEATURES = features + ",-prefer-256-bit"
+    return True
+
+
+prefer_wide_vectors()  # before the first kernel below is compiled
 
 LOG2E = 1.4426950408889634
 LN2_HI = 6.93147180369123816490e-01  # ln 2 split so that k * LN2_HI is exact for |k| < 2**20

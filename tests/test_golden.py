@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 
+import llvmlite.binding
 import numpy as np
 import pytest
 
@@ -63,14 +64,17 @@ def digests(data_dir, env: dict[str, str]) -> list[str]:
     return done.stdout.split()
 
 
-@pytest.mark.parametrize("cpu", ["", "haswell", "generic"])
+@pytest.mark.parametrize("cpu", ["", "haswell", "generic", "host features"])
 def test_same_bits_when_numba_targets_another_cpu(mnist_dir, tmp_path, cpu):
-    """The golden digests, with the kernels compiled for this CPU (""), for Haswell (AVX2
-    and FMA, like an AMD EPYC) and for a generic x86-64 (SSE2, no FMA: its fma is the C
-    library's, in software), each into an empty cache so that nothing compiled before is
-    reused."""
+    """The golden digests, with the kernels compiled for this CPU as distnum asks (its
+    widest vectors), for Haswell (AVX2 and FMA, like an AMD EPYC), for a generic x86-64
+    (SSE2, no FMA: its fma is the C library's, in software), and for this CPU as LLVM
+    would by default (256-bit vectors where it has AVX-512), each into an empty cache so
+    that nothing compiled before is reused."""
     env = {"NUMBA_CACHE_DIR": str(tmp_path)}
-    if cpu:
+    if cpu == "host features":
+        env["NUMBA_CPU_FEATURES"] = llvmlite.binding.get_host_cpu_features().flatten()
+    elif cpu:
         env["NUMBA_CPU_NAME"] = cpu
     assert digests(mnist_dir, env) == [FAST_GRADIENT_SHA256, FORWARD_SHA256]
 

@@ -1,5 +1,10 @@
 """The fast engine's exp and log agree with numpy's to 2 units in the last place."""
 
+import os
+import subprocess
+import sys
+
+import llvmlite.binding
 import numpy as np
 
 from distnum.vecmath import exp_array, log_array
@@ -42,3 +47,26 @@ def test_log_special_values():
     x = np.array([0.0, -0.0, -1.0, np.nan, np.inf, -np.inf])
     with np.errstate(divide="ignore", invalid="ignore"):
         np.testing.assert_array_equal(log_array(x), np.log(x))
+
+
+WIDE_VECTORS = """
+from numba.core import config
+import distnum.vecmath
+print(config.CPU_FEATURES)
+"""
+
+
+def test_wide_vectors_only_where_the_cpu_has_them_and_the_user_chose_nothing():
+    host = llvmlite.binding.get_host_cpu_features().flatten()
+    unset = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_CPU_")}
+
+    def features(**env: str) -> str:
+        done = subprocess.run([sys.executable, "-c", WIDE_VECTORS], capture_output=True,
+                              text=True, env={**unset, **env}, timeout=120)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    wide = "+avx512f" in host.split(",")
+    assert features() == (f"{host},-prefer-256-bit" if wide else "None")
+    assert features(NUMBA_CPU_NAME="haswell") == "None"
+    assert features(NUMBA_CPU_FEATURES="+avx2") == "+avx2"
