@@ -38,6 +38,24 @@ class FastEngine:
             indices[self.second_slot] - w2_start, layout.output_size
         )
 
+    def work(self, x: np.ndarray) -> dict[str, int]:
+        """What one call on the batch x (B, I) evaluates: nudged per-sample losses, exp
+        (the sigmoid's included) and log. A first-layer nudge of unit j is evaluated once
+        per sample value its shard's pixels need, then costs K + 1 exp and one log; a
+        second-layer one once per sample, one exp and one log."""
+        entries = first_layer.input_entries(np.ascontiguousarray(x, dtype=np.float64))
+        first = 0
+        for j in range(self.layout.hidden_size):
+            pixels = self.first_pixel[self.unit_start[j] : self.unit_start[j + 1]]
+            if pixels.size:
+                ranges = [entries.value_id[entries.pixel_start[i] : entries.pixel_start[i + 1]]
+                          for i in pixels]  # fmt: skip
+                first += 2 * np.unique(np.concatenate(ranges)).size
+        second = 2 * self.second_slot.size * x.shape[0]
+        classes = self.layout.output_size
+        return {"nudged_losses": first + second, "exp": first * (classes + 1) + second,
+                "log": first + second}  # fmt: skip
+
     def __call__(self, flat: np.ndarray, x: np.ndarray, labels: np.ndarray, h: float) -> np.ndarray:
         """g (len(indices),) for the parameters flat (layout.size,), a batch x (B, I) and its
         labels, class indices (B,) or one-hot rows (B, K)."""
