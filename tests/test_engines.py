@@ -144,3 +144,18 @@ def test_input_entries_give_each_samples_distinct_values_once():
     # one value id per distinct (sample, value) pair
     pairs = {(n, v) for n, v in zip(entries.value_sample, entries.value, strict=True)}
     assert len(pairs) == entries.value.size == sum(len(set(row[row != 0])) for row in with_bias)
+
+
+def test_work_counts_what_the_fast_engine_evaluates(net, mnist_batch):
+    x, _ = mnist_batch
+    layout = net.layout
+    hidden, classes, batch = layout.hidden_size, layout.output_size, len(x)
+    values = first_layer.input_entries(x).value.size  # distinct (sample, value) pairs
+    first, second = 2 * hidden * values, 2 * (hidden + 1) * classes * batch
+    whole = FastEngine(layout, np.arange(layout.size)).work(x)
+    assert whole == {"nudged_losses": first + second, "exp": first * (classes + 1) + second,
+                     "log": first + second}  # fmt: skip
+    # W1[:, 0] cut in two: each half evaluates the sample values its pixels need
+    column = np.arange(layout.input_size) * hidden
+    halves = [FastEngine(layout, half).work(x)["nudged_losses"] for half in np.split(column, 2)]
+    assert 2 * values < sum(halves) < 4 * values
