@@ -21,8 +21,10 @@ import numpy as np
 import ray
 from ray.dag import InputNode, MultiOutputNode
 
+from distnum import node_channel
 from distnum.engines import EngineFactory, make_engine
 from distnum.models import ParamLayout
+from distnum.node_channel import NodeChannel, WorkerLost, WorkerRaised
 from distnum.sharding import make_shards
 from distnum.stopping import install
 
@@ -86,7 +88,7 @@ class GradientWorker:
     ) -> None:  # fmt: skip
         self.engine = make_engine(engine, layout, indices)
         self.size, self.h, self.x_train, self.t_train = len(indices), h, x_train, t_train
-        self.layout = layout
+        self.layout, self.indices = layout, np.asarray(indices, dtype=np.int64)
 
     def ready(self) -> str:
         """Compiles the kernels (or loads them from numba's cache) with one small call, on
@@ -97,18 +99,26 @@ class GradientWorker:
         return ray.get_runtime_context().get_node_id()
 
     def gradient_slice(self, step: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, float]:
+        """The shard's slice for (parameters, batch indices), and the seconds computing it."""
         flat, batch = step
         started = time.perf_counter()
         grad = shard_slice(self.engine, self.size, flat, self.x_train[batch],
                            self.t_train[batch], self.h)  # fmt: skip
         return grad, time.perf_counter() - started
 
+    def serve(self, address: str, path: str, max_batch: int, worker: int) -> None:
+        """Steps from the driver's NodeChannel, until it closes the connection."""
+        node_channel.serve(address, path, self.layout.size, max_batch, worker, self.indices,
+                           self.gradient_slice)  # fmt: skip
+
 
 class ShardedGradient:
     """The driver's side: num_workers GradientWorker actors spread over the cluster's nodes,
-    shards of equal estimated cost, and a Ray Compiled Graph calling them each step.
+    shards of equal estimated cost, and each step sent to them all at once: through a
+    NodeChannel (shared memory) when they all run on the driver's node, else through a Ray
+    Compiled Graph.
 
-    A worker actor that dies is replaced, the graph compiled again and the step redone
+    A worker actor that dies is replaced, the actors connected again and the step redone
     (the same inputs give the same bits), up to max_restarts times in all."""
 
     def __init__(
@@ -123,15 +133,17 @@ class ShardedGradient:
         cpus = ray.cluster_resources().get("CPU", 1.0)
         self.cpus_per_worker = min(1.0, cpus / num_workers)
         self.num_workers, self.max_restarts, self.restarts = num_workers, max_restarts, 0
-        self.buffer_bytes = layout.size * 8 + (1 << 16)  # parameters in, a slice out
+        self.size, self.max_batch = layout.size, len(x_train)
         self.graph = None
+        self.channel: NodeChannel | None = None
+        self.serving: list[ray.ObjectRef] = []
         self.workers: list[ray.actor.ActorHandle] = []
         self.expected_compute_s = self.slowest_compute_s = 0.0
         self.patience = 1  # grows when a step outlasts the wait limit with every actor alive
         try:
             self.workers = [self.new_worker(shard) for shard in self.shards]
             self.wait_ready()
-            self.compile()
+            self.connect_workers()
         except BaseException:  # leave no actor behind in a Ray the caller keeps
             self.close()
             raise
@@ -150,48 +162,69 @@ class ShardedGradient:
         except ray.exceptions.RayActorError as error:
             raise WorkerFailed(f"a worker actor died while starting: {first_line(error)}"
                                ) from None  # fmt: skip
+        self.nodes = nodes
         self.actors_per_node = dict(collections.Counter(nodes))
 
-    def compile(self) -> None:
-        with InputNode() as step:
-            dag = MultiOutputNode([w.gradient_slice.bind(step) for w in self.workers])
-        self.graph = dag.experimental_compile(_buffer_size_bytes=self.buffer_bytes)
+    @property
+    def transport(self) -> str:
+        return "shared memory" if self.channel is not None else "compiled graph"
+
+    def connect_workers(self) -> None:
+        """A NodeChannel when every actor runs on the driver's node, else a compiled graph."""
+        here = ray.get_runtime_context().get_node_id()
+        if set(self.nodes) == {here} and node_channel.available():
+            self.channel = NodeChannel(self.size, self.max_batch, self.num_workers)
+            path, address = self.channel.shared.path, self.channel.address
+            self.serving = [worker.serve.remote(address, path, self.max_batch, k)
+                            for k, worker in enumerate(self.workers)]  # fmt: skip
+            self.channel.accept(set(range(self.num_workers)), timeout_s=120)
+        else:
+            with InputNode() as step:
+                dag = MultiOutputNode([w.gradient_slice.bind(step) for w in self.workers])
+            buffer_bytes = self.size * 8 + (1 << 16)  # parameters in, a slice out
+            self.graph = dag.experimental_compile(_buffer_size_bytes=buffer_bytes)
 
     def __call__(self, flat: np.ndarray, batch: np.ndarray) -> tuple[np.ndarray, float]:
-        """The gradient (layout.size,) gathered into index order, and the longest time one
-        worker spent computing its slice."""
+        """The gradient (layout.size,) in index order, and the longest time one worker spent
+        computing its slice."""
+        # the workers compute meanwhile: sleep through most of the expected wait, as the
+        # driver's waiting would take a CPU they need when they are as many as the cores
+        sleep_s = 0.95 * self.expected_compute_s
         while True:
+            # never wait without a limit: a graph that lost an actor may not wake its reader
+            limit_s = max(MIN_WAIT_S, 10 * self.slowest_compute_s) * self.patience
             try:
-                gathered, compute_s = self.run_graph(flat, batch)
+                if self.channel is not None:
+                    grad, compute_s = self.channel.step(flat, batch, sleep_s, limit_s)
+                else:
+                    grad, compute_s = self.run_graph(flat, batch, sleep_s, limit_s)
                 break
             except ray.exceptions.RayTaskError as error:  # the worker's own code raised
                 raise worker_failed(error) from None
-            except ray.exceptions.RayError as error:  # an actor died, or no answer in time
-                self.recover(error)
+            except WorkerRaised as error:
+                raise WorkerFailed(f"a worker actor raised {error}") from None
+            except (ray.exceptions.RayError, WorkerLost, TimeoutError) as error:
+                self.recover(error)  # an actor died, or no answer in time
         self.expected_compute_s = min(compute_s, 1.05 * self.expected_compute_s or compute_s)
         self.slowest_compute_s = max(self.slowest_compute_s, compute_s)
-        grad = np.empty_like(flat)
-        grad[self.shard_indices] = gathered
         return grad, compute_s
 
-    def run_graph(self, flat: np.ndarray, batch: np.ndarray) -> tuple[np.ndarray, float]:
-        """The slices concatenated in shard order, and the longest compute time."""
+    def run_graph(self, flat: np.ndarray, batch: np.ndarray, sleep_s: float,
+                  limit_s: float) -> tuple[np.ndarray, float]:  # fmt: skip
         result = self.graph.execute((flat, batch))
-        # ray.get on a compiled graph spins on a CPU while it waits, a CPU the workers need
-        # when they are as many as the cores: sleep through most of the expected wait first
-        time.sleep(0.95 * self.expected_compute_s)
-        # never wait without a limit: a graph that lost an actor may not wake its reader
-        limit = max(MIN_WAIT_S, 10 * self.slowest_compute_s) * self.patience
-        slices = ray.get(result, timeout=limit)
+        time.sleep(sleep_s)
+        slices = ray.get(result, timeout=limit_s)
+        grad = np.empty_like(flat)
         # the arrays read are views of the graph's channel buffers: copy them out at once, as
         # a view that outlives the graph (in a traceback, say) crashes the process when freed
-        return np.concatenate([g for g, _ in slices]), max(s for _, s in slices)
+        grad[self.shard_indices] = np.concatenate([g for g, _ in slices])
+        return grad, max(s for _, s in slices)
 
-    def recover(self, error: ray.exceptions.RayError) -> None:
+    def recover(self, error: Exception) -> None:
         """After a failed or unanswered step: replace the actors that died, or, when all are
         alive (the step was only slower than the limit), wait longer next time; then
-        compile the graph again, so that the step can be redone."""
-        self.teardown_graph()
+        connect them again, so that the step can be redone."""
+        self.disconnect_workers()
         dead = [k for k, worker in enumerate(self.workers) if not self.answers(worker)]
         if not dead:
             self.patience *= 4
@@ -206,7 +239,7 @@ class ShardedGradient:
                 ray.kill(self.workers[k])
                 self.workers[k] = self.new_worker(self.shards[k])
         self.wait_ready()
-        self.compile()
+        self.connect_workers()
 
     @staticmethod
     def answers(worker: ray.actor.ActorHandle) -> bool:
@@ -216,16 +249,27 @@ class ShardedGradient:
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
             return False
 
-    def teardown_graph(self) -> None:
+    def disconnect_workers(self) -> None:
+        """Tear the graph down, or close the channel: each actor's serving loop then ends
+        (after the step it computes, if any), and it takes calls again."""
         if self.graph is not None:
             try:
                 self.graph.teardown()
             except ray.exceptions.RayError:
                 pass  # a graph that lost an actor may have torn itself down already
             self.graph = None
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
+            for serving in self.serving:
+                try:
+                    ray.get(serving, timeout=60)
+                except ray.exceptions.RayError:
+                    pass  # its actor died, or hangs: answers() will say
+            self.serving = []
 
     def close(self) -> None:
-        self.teardown_graph()
+        self.disconnect_workers()
         for worker in self.workers:
             try:
                 ray.kill(worker)

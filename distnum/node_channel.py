@@ -1,0 +1,191 @@
+"""A step between the driver and the worker actors on its own node: the data in shared
+memory, a Unix socket per actor for "go" and "done".
+
+The driver writes the parameters and the batch's indices once per step into a file in
+/dev/shm that every actor on the node maps (one copy per node, however many actors), and
+each actor writes its slice straight into the gradient there, at its shard's indices. The
+sockets carry a few bytes each way, and tell the driver at once when an actor's process is
+gone (the connection ends). A Ray Compiled Graph moves the same data through channels of its
+own, at about 1.4 ms per step on these 2-core machines, where this takes about 0.1-0.3 ms
+(measured by `distnum bench --workers`); it stays for actors on other nodes.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import secrets
+import select
+import socket
+import struct
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+SHARED_DIR = Path("/dev/shm")
+GO = struct.Struct("<q")  # driver -> actor: the batch's size
+DONE = struct.Struct("<Bdq")  # actor -> driver: failed?, seconds computing, message bytes
+HELLO = struct.Struct("<q")  # actor -> driver on connecting: its worker number
+
+
+class WorkerLost(ConnectionError):
+    """The actor's connection ended: its process is gone."""
+
+    def __init__(self, worker: int) -> None:
+        super().__init__(f"worker {worker}'s connection ended")
+        self.worker = worker
+
+
+class WorkerRaised(RuntimeError):
+    """The actor's engine raised; the message is its type and first line."""
+
+
+def available() -> bool:
+    return SHARED_DIR.is_dir() and os.access(SHARED_DIR, os.W_OK) and hasattr(socket, "AF_UNIX")
+
+
+class SharedStep:
+    """The mapped file: parameters (size,) float64, gradient (size,) float64, batch
+    (max_batch,) int64, in that order."""
+
+    def __init__(self, path: str, size: int, max_batch: int) -> None:
+        self.path, self.size, self.max_batch = path, size, max_batch
+        with open(path, "r+b") as file:
+            self.map = mmap.mmap(file.fileno(), 8 * (2 * size + max_batch))
+        self.params = np.frombuffer(self.map, np.float64, size, 0)
+        self.gradient = np.frombuffer(self.map, np.float64, size, 8 * size)
+        self.batch = np.frombuffer(self.map, np.int64, max_batch, 16 * size)
+
+    @classmethod
+    def create(cls, size: int, max_batch: int) -> SharedStep:
+        descriptor, path = tempfile.mkstemp(prefix=f"distnum-step-{os.getpid()}-",
+                                            dir=SHARED_DIR)  # fmt: skip
+        try:
+            os.ftruncate(descriptor, 8 * (2 * size + max_batch))
+        finally:
+            os.close(descriptor)
+        return cls(path, size, max_batch)
+
+    def close(self) -> None:
+        del self.params, self.gradient, self.batch  # the map cannot close under views
+        self.map.close()
+
+
+class NodeChannel:
+    """The driver's end: the shared file, and one connection per worker actor."""
+
+    def __init__(self, size: int, max_batch: int, num_workers: int) -> None:
+        self.shared = SharedStep.create(size, max_batch)
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # an abstract address: no file to leave behind, private to this network namespace
+        self.address = f"\0distnum-{os.getpid()}-{secrets.token_hex(8)}"
+        self.listener.bind(self.address)
+        self.listener.listen(num_workers)
+        self.connections: list[socket.socket | None] = [None] * num_workers
+
+    def accept(self, expected: set[int], timeout_s: float) -> None:
+        """Wait for the actors numbered in expected to connect."""
+        deadline = time.monotonic() + timeout_s
+        waiting = set(expected)
+        while waiting:
+            self.listener.settimeout(max(deadline - time.monotonic(), 0.001))
+            try:
+                connection, _ = self.listener.accept()
+            except TimeoutError:
+                raise TimeoutError(f"worker actors {sorted(waiting)} did not connect") from None
+            connection.settimeout(None)
+            (worker,) = HELLO.unpack(receive(connection, HELLO.size))
+            self.drop(worker)
+            self.connections[worker] = connection
+            waiting.discard(worker)
+
+    def step(self, flat: np.ndarray, batch: np.ndarray, sleep_s: float,
+             limit_s: float) -> tuple[np.ndarray, float]:  # fmt: skip
+        """The gradient for flat (size,) on the batch's indices, and the longest time an actor
+        spent computing. Raises WorkerLost, WorkerRaised, or TimeoutError after limit_s."""
+        self.shared.params[:] = flat
+        self.shared.batch[: batch.size] = batch
+        go = GO.pack(batch.size)
+        for worker, connection in enumerate(self.connections):
+            try:
+                connection.sendall(go)
+            except OSError:
+                raise WorkerLost(worker) from None
+        started = time.monotonic()
+        time.sleep(sleep_s)  # the actors compute; waking early only costs a CPU they need
+        pending = {connection.fileno(): worker for worker, connection in
+                   enumerate(self.connections)}  # fmt: skip
+        longest = 0.0
+        while pending:
+            left = limit_s - (time.monotonic() - started)
+            ready, _, _ = select.select(list(pending), [], [], max(left, 0.0))
+            if not ready:
+                raise TimeoutError(f"no answer from worker actors {sorted(pending.values())} "
+                                   f"in {limit_s:.0f} s")  # fmt: skip
+            for descriptor in ready:
+                worker = pending.pop(descriptor)
+                try:
+                    failed, seconds, length = DONE.unpack(
+                        receive(self.connections[worker], DONE.size))
+                    message = receive(self.connections[worker], length).decode()
+                except (OSError, EOFError):
+                    raise WorkerLost(worker) from None
+                if failed:
+                    raise WorkerRaised(message)
+                longest = max(longest, seconds)
+        return self.shared.gradient.copy(), longest
+
+    def drop(self, worker: int) -> None:
+        """Forget worker's connection (its actor is being replaced, or the run ends)."""
+        connection, self.connections[worker] = self.connections[worker], None
+        if connection is not None:
+            connection.close()
+
+    def close(self) -> None:
+        for worker in range(len(self.connections)):
+            self.drop(worker)  # each actor's loop ends when its connection does
+        self.listener.close()
+        self.shared.close()
+        os.unlink(self.shared.path)
+
+
+def receive(connection: socket.socket, count: int) -> bytes:
+    data = b""
+    while len(data) < count:
+        chunk = connection.recv(count - len(data))
+        if not chunk:
+            raise EOFError("the connection ended")
+        data += chunk
+    return data
+
+
+def serve(address: str, path: str, size: int, max_batch: int, worker: int, indices: np.ndarray,
+          compute) -> None:  # fmt: skip
+    """The actor's end, until the driver closes the connection: per step, compute((flat,
+    batch)) -> (slice, seconds), the slice written into the gradient at indices."""
+    shared = SharedStep(path, size, max_batch)
+    params = shared.params[:]
+    params.flags.writeable = False  # as the compiled graph hands them over: read-only
+    connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        connection.connect(address)
+        connection.sendall(HELLO.pack(worker))
+        while True:
+            (batch_size,) = GO.unpack(receive(connection, GO.size))
+            try:
+                grad, seconds = compute((params, shared.batch[:batch_size].copy()))
+            except Exception as error:
+                lines = str(error).strip().splitlines()
+                message = f"{type(error).__name__}: {lines[0] if lines else ''}".encode()
+                connection.sendall(DONE.pack(1, 0.0, len(message)) + message)
+                continue
+            shared.gradient[indices] = grad
+            connection.sendall(DONE.pack(0, seconds, 0))
+    except (EOFError, OSError):
+        return  # the driver closed the connection: the run ends, or this actor reconnects
+    finally:
+        connection.close()
+        del params
+        shared.close()
