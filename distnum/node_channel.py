@@ -68,6 +68,12 @@ class SharedStep:
             os.close(descriptor)
         return cls(path, size, max_batch)
 
+    def unlink(self) -> None:
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass  # unlinked already
+
     def close(self) -> None:
         del self.params, self.gradient, self.batch  # the map cannot close under views
         self.map.close()
@@ -100,6 +106,9 @@ class NodeChannel:
             self.drop(worker)
             self.connections[worker] = connection
             waiting.discard(worker)
+        # every actor has mapped the file: its name can go, so that nothing is left in
+        # /dev/shm whatever ends the driver (the memory goes with the last mapping)
+        self.shared.unlink()
 
     def step(self, flat: np.ndarray, batch: np.ndarray, sleep_s: float,
              limit_s: float) -> tuple[np.ndarray, float]:  # fmt: skip
@@ -128,7 +137,8 @@ class NodeChannel:
                 worker = pending.pop(descriptor)
                 try:
                     failed, seconds, length = DONE.unpack(
-                        receive(self.connections[worker], DONE.size))
+                        receive(self.connections[worker], DONE.size)
+                    )
                     message = receive(self.connections[worker], length).decode()
                 except (OSError, EOFError):
                     raise WorkerLost(worker) from None
@@ -148,7 +158,7 @@ class NodeChannel:
             self.drop(worker)  # each actor's loop ends when its connection does
         self.listener.close()
         self.shared.close()
-        os.unlink(self.shared.path)
+        self.shared.unlink()
 
 
 def receive(connection: socket.socket, count: int) -> bytes:

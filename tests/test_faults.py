@@ -139,6 +139,8 @@ def test_driver_killed_with_sigkill_then_resume(tiny_mnist, tmp_path):
     run.communicate(timeout=60)
     kill_leftovers(ray_processes)
     assert run.returncode == -signal.SIGKILL
+    # the step's shared memory is named only until the actors have mapped it
+    assert not list(Path("/dev/shm").glob(f"distnum-step-{run.pid}-*"))
     resumed = start_train("--resume", str(out), "--iters", "600", *args)
     _, stderr = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, stderr
