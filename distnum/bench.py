@@ -149,6 +149,7 @@ def bench_workers(
         rng = np.random.default_rng(seed)
         flat = net.flat_params.copy()
         gradient = ShardedGradient(net.layout, "fast", h, x_train, t_train, count)
+        transport = gradient.transport
         step_s, compute_s = [], []
         try:
             for step in range(steps + 5):  # the first 5 warm up
@@ -169,6 +170,7 @@ def bench_workers(
             "median_step_s": float(np.median(step_s)),
             "median_compute_s": float(np.median(compute_s)),
             "median_overhead_s": float(np.median(step_s - compute_s)),
+            "transport": transport,
         })  # fmt: skip
     for row in rows:
         row["speedup"] = row["steps_per_s"] / rows[0]["steps_per_s"]
@@ -178,13 +180,13 @@ def bench_workers(
 def format_worker_rows(rows: list[dict[str, float]]) -> str:
     lines = [
         f"{'workers':>7} {'steps/s':>8} {'speedup':>8} {'step ms':>8} {'compute ms':>11} "
-        f"{'overhead ms':>12}"
+        f"{'overhead ms':>12}  transport"
     ]
     for r in rows:
         lines.append(
             f"{r['workers']:>7} {r['steps_per_s']:>8.1f} {r['speedup']:>8.2f} "
             f"{r['median_step_s'] * 1e3:>8.2f} {r['median_compute_s'] * 1e3:>11.2f} "
-            f"{r['median_overhead_s'] * 1e3:>12.2f}"
+            f"{r['median_overhead_s'] * 1e3:>12.2f}  {r['transport']}"
         )
     lines.append(
         "medians over the timed steps; compute: the slowest worker's own time; overhead: "

@@ -60,6 +60,7 @@ class LocalGradient:
 
     num_workers = None  # no worker actors: computed in this process
     actors_per_node = None
+    transport = None
     restarts = 0
 
     def __init__(self, layout: ParamLayout, engine: str | EngineFactory, h: float,
@@ -136,6 +137,7 @@ class ShardedGradient:
         self.size, self.max_batch = layout.size, len(x_train)
         self.graph = None
         self.channel: NodeChannel | None = None
+        self.transport: str | None = None  # how steps reach the actors, once connected
         self.serving: list[ray.ObjectRef] = []
         self.workers: list[ray.actor.ActorHandle] = []
         self.expected_compute_s = self.slowest_compute_s = 0.0
@@ -165,10 +167,6 @@ class ShardedGradient:
         self.nodes = nodes
         self.actors_per_node = dict(collections.Counter(nodes))
 
-    @property
-    def transport(self) -> str:
-        return "shared memory" if self.channel is not None else "compiled graph"
-
     def connect_workers(self) -> None:
         """A NodeChannel when every actor runs on the driver's node, else a compiled graph."""
         here = ray.get_runtime_context().get_node_id()
@@ -178,11 +176,13 @@ class ShardedGradient:
             self.serving = [worker.serve.remote(address, path, self.max_batch, k)
                             for k, worker in enumerate(self.workers)]  # fmt: skip
             self.channel.accept(set(range(self.num_workers)), timeout_s=120)
+            self.transport = "shared memory"
         else:
             with InputNode() as step:
                 dag = MultiOutputNode([w.gradient_slice.bind(step) for w in self.workers])
             buffer_bytes = self.size * 8 + (1 << 16)  # parameters in, a slice out
             self.graph = dag.experimental_compile(_buffer_size_bytes=buffer_bytes)
+            self.transport = "compiled graph"
 
     def __call__(self, flat: np.ndarray, batch: np.ndarray) -> tuple[np.ndarray, float]:
         """The gradient (layout.size,) in index order, and the longest time one worker spent

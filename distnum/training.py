@@ -606,7 +606,8 @@ def finish(run: Run) -> dict:
             disconnect(owns_ray)
     where = {"local": config.local, "workers": gradient.num_workers,
              "actors_per_node": gradient.actors_per_node,
-             "worker_restarts": gradient.restarts}  # fmt: skip
+             "worker_restarts": gradient.restarts,
+             "transport": gradient.transport}  # fmt: skip
     summary = run.summary(first_step, where, loop_s, compute_s)
     run.write_outputs(summary)
     if run.stop.signal_name is not None:

@@ -79,6 +79,10 @@ def test_bench_workers_reports_steps_per_second_and_overhead(mnist_dir):
         assert r["steps"] == 20 and r["steps_per_s"] > 0
         assert 0 < r["median_compute_s"] < r["median_step_s"]
         assert r["median_overhead_s"] > 0
+        assert r["transport"] == "shared memory"  # the actors run on the driver's node
+    (engines,) = json.loads(run.stdout)["engines"]  # the floor beside the fast engine
+    assert engines["nudged_losses"] > 0 and engines["exp"] > 10 * engines["log"] / 2
+    assert engines["fast_over_floor"] == engines["fast_s"] / engines["floor_s"] > 0
 
 
 def test_plot_writes_the_two_figures(tiny_mnist, tmp_path):

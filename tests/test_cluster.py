@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from distnum.cli import build_parser
+from distnum.training import train
 
 CLUSTER = Path(__file__).resolve().parent.parent / "cluster"
 spec = importlib.util.spec_from_file_location("local_cluster", CLUSTER / "local_cluster.py")
@@ -109,6 +110,11 @@ def test_driver_outside_the_cluster(cluster, mnist_dir, tmp_path):
     assert run.returncode == 0, run.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert len(summary["actors_per_node"]) == 2 and math.isfinite(summary["final_loss"])
+    # actors on two nodes: steps through a compiled graph, and the bits of one process
+    assert summary["transport"] == "compiled graph"
+    alone = train(iters=60, local=True, data_dir=str(mnist_dir), out=str(tmp_path / "alone"),
+                  quiet=True)  # fmt: skip
+    assert summary["params_sha256"] == alone["params_sha256"]
 
 
 def train_command(command_line: str):

@@ -88,6 +88,7 @@ def test_more_workers_than_cpus_share_them(ray_session, tiny_mnist, tmp_path):
         quiet=True,
     )
     assert summary["workers"] == 5 and sum(summary["actors_per_node"].values()) == 5
+    assert summary["transport"] == "shared memory"  # all on this node
 
 
 def test_full_engine_trains_the_same_way(ray_session, tiny_mnist, tmp_path):
