@@ -16,6 +16,8 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 import numpy as np
 import ray
@@ -23,11 +25,13 @@ from ray.dag import InputNode, MultiOutputNode
 
 from distnum import node_channel
 from distnum.engines import EngineFactory, make_engine
-from distnum.models import ParamLayout
+from distnum.functions import mean_loss
+from distnum.models import ParamLayout, batch_loss, checked_batch, per_sample_losses
 from distnum.node_channel import NodeChannel, WorkerLost, WorkerRaised
 from distnum.sharding import make_shards
 from distnum.stopping import install
 
+T = TypeVar("T")
 MIN_WAIT_S = 10.0  # the least a step is waited for before the actors are checked
 # a GradientWorker actor's resident memory beyond its parameters, measured with a 784-50-10
 # net on MNIST: the interpreter, numpy, numba and its compiled kernels, Ray's worker
@@ -51,6 +55,12 @@ def shard_slice(engine, size: int, flat: np.ndarray, x: np.ndarray, labels: np.n
     return grad
 
 
+def loss_in_process(layout: ParamLayout, flat: np.ndarray, x_train: np.ndarray,
+                    t_train: np.ndarray, batch: np.ndarray) -> float:  # fmt: skip
+    """The mean loss at flat of the training samples numbered in batch."""
+    return batch_loss(layout.views(flat), *checked_batch(layout, x_train[batch], t_train[batch]))
+
+
 class RayUnavailable(RuntimeError):
     """Ray could not be started on this machine."""
 
@@ -67,6 +77,7 @@ class LocalGradient:
                  x_train: np.ndarray, t_train: np.ndarray) -> None:  # fmt: skip
         self.engine = make_engine(engine, layout, np.arange(layout.size))
         self.size, self.h, self.x_train, self.t_train = layout.size, h, x_train, t_train
+        self.layout = layout
 
     def __call__(self, flat: np.ndarray, batch: np.ndarray) -> tuple[np.ndarray, float]:
         """The gradient (layout.size,) on the minibatch, and the seconds spent computing it."""
@@ -74,6 +85,10 @@ class LocalGradient:
         grad = shard_slice(self.engine, self.size, flat, self.x_train[batch],
                            self.t_train[batch], self.h)  # fmt: skip
         return grad, time.perf_counter() - started
+
+    def loss(self, flat: np.ndarray, batch: np.ndarray) -> float:
+        """The batch's mean loss at the parameters flat (layout.size,)."""
+        return loss_in_process(self.layout, flat, self.x_train, self.t_train, batch)
 
     def close(self) -> None:
         pass
@@ -107,10 +122,16 @@ class GradientWorker:
                            self.t_train[batch], self.h)  # fmt: skip
         return grad, time.perf_counter() - started
 
+    def per_sample_losses(self, step: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+        """The losses (R,) at the parameters of R samples, given by their indices."""
+        flat, rows = step
+        x, labels = checked_batch(self.layout, self.x_train[rows], self.t_train[rows])
+        return per_sample_losses(self.layout.views(flat), x, labels)
+
     def serve(self, address: str, path: str, max_batch: int, worker: int) -> None:
         """Steps from the driver's NodeChannel, until it closes the connection."""
         node_channel.serve(address, path, self.layout.size, max_batch, worker, self.indices,
-                           self.gradient_slice)  # fmt: skip
+                           self.gradient_slice, self.per_sample_losses)  # fmt: skip
 
 
 class ShardedGradient:
@@ -135,6 +156,7 @@ class ShardedGradient:
         self.cpus_per_worker = min(1.0, cpus / num_workers)
         self.num_workers, self.max_restarts, self.restarts = num_workers, max_restarts, 0
         self.size, self.max_batch = layout.size, len(x_train)
+        self.layout, self.x_train, self.t_train = layout, x_train, t_train
         self.graph = None
         self.channel: NodeChannel | None = None
         self.transport: str | None = None  # how steps reach the actors, once connected
@@ -190,24 +212,40 @@ class ShardedGradient:
         # the workers compute meanwhile: sleep through most of the expected wait, as the
         # driver's waiting would take a CPU they need when they are as many as the cores
         sleep_s = 0.95 * self.expected_compute_s
+        grad, compute_s = self.recovering(
+            lambda limit_s: self.channel.gradient(flat, batch, sleep_s, limit_s)
+            if self.channel is not None else self.run_graph(flat, batch, sleep_s, limit_s)
+        )  # fmt: skip
+        self.expected_compute_s = min(compute_s, 1.05 * self.expected_compute_s or compute_s)
+        self.slowest_compute_s = max(self.slowest_compute_s, compute_s)
+        return grad, compute_s
+
+    def loss(self, flat: np.ndarray, batch: np.ndarray) -> float:
+        """The batch's mean loss at flat: each actor on the driver's node computes its share
+        of the per-sample losses (the same bits as one process); with a compiled graph, this
+        process computes it."""
+        losses = self.recovering(
+            lambda limit_s: self.channel.losses(flat, batch, limit_s)
+            if self.channel is not None else None
+        )  # fmt: skip
+        if losses is None:
+            return loss_in_process(self.layout, flat, self.x_train, self.t_train, batch)
+        return mean_loss(losses)
+
+    def recovering(self, request: Callable[[float], T]) -> T:
+        """request(limit_s), again after an actor died or did not answer in limit_s (with the
+        actors replaced and connected again); an actor's own exception as WorkerFailed."""
         while True:
             # never wait without a limit: a graph that lost an actor may not wake its reader
             limit_s = max(MIN_WAIT_S, 10 * self.slowest_compute_s) * self.patience
             try:
-                if self.channel is not None:
-                    grad, compute_s = self.channel.step(flat, batch, sleep_s, limit_s)
-                else:
-                    grad, compute_s = self.run_graph(flat, batch, sleep_s, limit_s)
-                break
+                return request(limit_s)
             except ray.exceptions.RayTaskError as error:  # the worker's own code raised
                 raise worker_failed(error) from None
             except WorkerRaised as error:
                 raise WorkerFailed(f"a worker actor raised {error}") from None
             except (ray.exceptions.RayError, WorkerLost, TimeoutError) as error:
                 self.recover(error)  # an actor died, or no answer in time
-        self.expected_compute_s = min(compute_s, 1.05 * self.expected_compute_s or compute_s)
-        self.slowest_compute_s = max(self.slowest_compute_s, compute_s)
-        return grad, compute_s
 
     def run_graph(self, flat: np.ndarray, batch: np.ndarray, sleep_s: float,
                   limit_s: float) -> tuple[np.ndarray, float]:  # fmt: skip

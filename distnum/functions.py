@@ -155,7 +155,13 @@ def _mean(values):
     return (total + lost if np.isfinite(total) else total) / values.size
 
 
+def mean_loss(per_sample: np.ndarray) -> float:
+    """The batch's loss from its per-sample losses (N,): added in sample order (compensated),
+    divided by N; the same bits wherever the per-sample losses were computed."""
+    return float(_mean(np.ascontiguousarray(per_sample, dtype=np.float64)))
+
+
 def softmax_cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
     """Mean softmax cross-entropy of logits (N, K) against labels, indices (N,) or one-hot:
     the per-sample losses added in sample order (compensated), divided by N."""
-    return float(_mean(softmax_cross_entropy_per_sample(logits, labels)))
+    return mean_loss(softmax_cross_entropy_per_sample(logits, labels))

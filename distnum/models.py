@@ -18,9 +18,10 @@ import numpy as np
 from distnum.functions import (
     cross_entropy_error,
     label_indices,
+    mean_loss,
     sigmoid,
     softmax,
-    softmax_cross_entropy,
+    softmax_cross_entropy_per_sample,
 )
 from distnum.gradient import DEFAULT_H
 from distnum.vecmath import JIT, fma
@@ -145,9 +146,16 @@ def forward(params: dict[str, np.ndarray], x: np.ndarray) -> Activations:
     return Activations(a1, z1, affine(z1, params["W2"], params["b2"]))
 
 
+def per_sample_losses(params: dict[str, np.ndarray], x: np.ndarray,
+                      labels: np.ndarray) -> np.ndarray:  # fmt: skip
+    """Softmax cross-entropy (N,) of each sample of a checked batch x (N, I) against class
+    indices (N,): each row's depends on that row alone."""
+    return softmax_cross_entropy_per_sample(forward(params, x).a2, labels)
+
+
 def batch_loss(params: dict[str, np.ndarray], x: np.ndarray, labels: np.ndarray) -> float:
     """Mean softmax cross-entropy of a checked batch x (N, I) against class indices (N,)."""
-    return softmax_cross_entropy(forward(params, x).a2, labels)
+    return mean_loss(per_sample_losses(params, x, labels))
 
 
 def checked_inputs(layout: ParamLayout, x: np.ndarray) -> np.ndarray:

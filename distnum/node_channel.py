@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 
 SHARED_DIR = Path("/dev/shm")
-GO = struct.Struct("<q")  # driver -> actor: the batch's size
+GO = struct.Struct("<qqqq")  # driver -> actor: what (GRADIENT, LOSSES), batch size, rows
+GRADIENT, LOSSES = 0, 1
 DONE = struct.Struct("<Bdq")  # actor -> driver: failed?, seconds computing, message bytes
 HELLO = struct.Struct("<q")  # actor -> driver on connecting: its worker number
 
@@ -48,22 +49,23 @@ def available() -> bool:
 
 class SharedStep:
     """The mapped file: parameters (size,) float64, gradient (size,) float64, batch
-    (max_batch,) int64, in that order."""
+    (max_batch,) int64 and per-sample losses (max_batch,) float64, in that order."""
 
     def __init__(self, path: str, size: int, max_batch: int) -> None:
         self.path, self.size, self.max_batch = path, size, max_batch
         with open(path, "r+b") as file:
-            self.map = mmap.mmap(file.fileno(), 8 * (2 * size + max_batch))
+            self.map = mmap.mmap(file.fileno(), bytes_for(size, max_batch))
         self.params = np.frombuffer(self.map, np.float64, size, 0)
         self.gradient = np.frombuffer(self.map, np.float64, size, 8 * size)
         self.batch = np.frombuffer(self.map, np.int64, max_batch, 16 * size)
+        self.losses = np.frombuffer(self.map, np.float64, max_batch, 8 * (2 * size + max_batch))
 
     @classmethod
     def create(cls, size: int, max_batch: int) -> SharedStep:
         descriptor, path = tempfile.mkstemp(prefix=f"distnum-step-{os.getpid()}-",
                                             dir=SHARED_DIR)  # fmt: skip
         try:
-            os.ftruncate(descriptor, 8 * (2 * size + max_batch))
+            os.ftruncate(descriptor, bytes_for(size, max_batch))
         finally:
             os.close(descriptor)
         return cls(path, size, max_batch)
@@ -75,8 +77,12 @@ class SharedStep:
             pass  # unlinked already
 
     def close(self) -> None:
-        del self.params, self.gradient, self.batch  # the map cannot close under views
+        del self.params, self.gradient, self.batch, self.losses  # none may outlive the map
         self.map.close()
+
+
+def bytes_for(size: int, max_batch: int) -> int:
+    return 8 * (2 * size + 2 * max_batch)
 
 
 class NodeChannel:
@@ -110,16 +116,27 @@ class NodeChannel:
         # /dev/shm whatever ends the driver (the memory goes with the last mapping)
         self.shared.unlink()
 
-    def step(self, flat: np.ndarray, batch: np.ndarray, sleep_s: float,
-             limit_s: float) -> tuple[np.ndarray, float]:  # fmt: skip
+    def gradient(self, flat: np.ndarray, batch: np.ndarray, sleep_s: float,
+                 limit_s: float) -> tuple[np.ndarray, float]:  # fmt: skip
         """The gradient for flat (size,) on the batch's indices, and the longest time an actor
         spent computing. Raises WorkerLost, WorkerRaised, or TimeoutError after limit_s."""
+        longest = self.run(GRADIENT, flat, batch, sleep_s, limit_s)
+        return self.shared.gradient.copy(), longest
+
+    def losses(self, flat: np.ndarray, batch: np.ndarray, limit_s: float) -> np.ndarray:
+        """The per-sample losses (B,) at flat of the batch's indices, each actor computing
+        its share of the rows; raises as gradient() does."""
+        self.run(LOSSES, flat, batch, 0.0, limit_s)
+        return self.shared.losses[: batch.size].copy()
+
+    def run(self, what: int, flat: np.ndarray, batch: np.ndarray, sleep_s: float,
+            limit_s: float) -> float:  # fmt: skip
         self.shared.params[:] = flat
         self.shared.batch[: batch.size] = batch
-        go = GO.pack(batch.size)
+        rows = np.linspace(0, batch.size, len(self.connections) + 1).astype(np.int64)
         for worker, connection in enumerate(self.connections):
             try:
-                connection.sendall(go)
+                connection.sendall(GO.pack(what, batch.size, rows[worker], rows[worker + 1]))
             except OSError:
                 raise WorkerLost(worker) from None
         started = time.monotonic()
@@ -145,7 +162,7 @@ class NodeChannel:
                 if failed:
                     raise WorkerRaised(message)
                 longest = max(longest, seconds)
-        return self.shared.gradient.copy(), longest
+        return longest
 
     def drop(self, worker: int) -> None:
         """Forget worker's connection (its actor is being replaced, or the run ends)."""
@@ -172,9 +189,10 @@ def receive(connection: socket.socket, count: int) -> bytes:
 
 
 def serve(address: str, path: str, size: int, max_batch: int, worker: int, indices: np.ndarray,
-          compute) -> None:  # fmt: skip
-    """The actor's end, until the driver closes the connection: per step, compute((flat,
-    batch)) -> (slice, seconds), the slice written into the gradient at indices."""
+          gradient_slice, losses) -> None:  # fmt: skip
+    """The actor's end, until the driver closes the connection. Per request: the slice
+    gradient_slice((flat, batch)) -> (slice, seconds) written into the gradient at indices,
+    or the per-sample losses((flat, batch rows)) of the rows asked for."""
     shared = SharedStep(path, size, max_batch)
     params = shared.params[:]
     params.flags.writeable = False  # as the compiled graph hands them over: read-only
@@ -183,15 +201,21 @@ def serve(address: str, path: str, size: int, max_batch: int, worker: int, indic
         connection.connect(address)
         connection.sendall(HELLO.pack(worker))
         while True:
-            (batch_size,) = GO.unpack(receive(connection, GO.size))
+            what, batch_size, first, stop = GO.unpack(receive(connection, GO.size))
             try:
-                grad, seconds = compute((params, shared.batch[:batch_size].copy()))
+                if what == GRADIENT:
+                    grad, seconds = gradient_slice((params, shared.batch[:batch_size].copy()))
+                    shared.gradient[indices] = grad
+                else:
+                    seconds = 0.0
+                    if stop > first:  # more actors than rows leaves some with none
+                        rows = shared.batch[first:stop].copy()
+                        shared.losses[first:stop] = losses((params, rows))
             except Exception as error:
                 lines = str(error).strip().splitlines()
                 message = f"{type(error).__name__}: {lines[0] if lines else ''}".encode()
                 connection.sendall(DONE.pack(1, 0.0, len(message)) + message)
                 continue
-            shared.gradient[indices] = grad
             connection.sendall(DONE.pack(0, seconds, 0))
     except (EOFError, OSError):
         return  # the driver closed the connection: the run ends, or this actor reconnects

@@ -418,7 +418,7 @@ class Run:
             batch = self.batch_rng.choice(len(self.x_train), config.batch_size)
             grad, seconds = gradient(net.flat_params, batch)
             net.flat_params -= config.lr * grad
-            loss = net.loss(self.x_train[batch], self.t_train[batch])
+            loss = gradient.loss(net.flat_params, batch)
             if not (math.isfinite(loss) and np.isfinite(net.flat_params).all()):
                 raise Diverged(
                     f"diverged at step {self.step + 1}: the loss is {loss} with "

@@ -16,7 +16,8 @@ import psutil
 import pytest
 from run_helpers import assert_nothing_left, descendants, wait_until
 
-from distnum.distributed import WorkerFailed
+from distnum.distributed import ShardedGradient, WorkerFailed
+from distnum.models import TwoLayerNet
 from distnum.training import params_sha256, train
 
 
@@ -217,3 +218,18 @@ def test_ctrl_c_stops_promptly_and_leaves_no_process(tiny_mnist, tmp_path):
     assert "stopped by SIGINT at step" in stderr
     assert_nothing_left(ray_processes)
     assert os.path.exists(metrics)
+
+
+@pytest.mark.parametrize(("workers", "rows"), [(2, 100), (3, 7), (2, 1)])
+def test_the_workers_loss_has_the_bits_of_one_process(ray_session, mnist, workers, rows):
+    """The step's loss, each actor computing its share of the rows (one may get none)."""
+    (x_train, t_train), _ = mnist
+    net = TwoLayerNet(784, 12, 10, seed=3)
+    batch = np.random.default_rng(rows).choice(len(x_train), rows)
+    gradient = ShardedGradient(net.layout, "fast", 1e-4, x_train, t_train, workers)
+    try:
+        assert gradient.transport == "shared memory"
+        loss = gradient.loss(net.flat_params, batch)
+    finally:
+        gradient.close()
+    assert loss == net.loss(x_train[batch], t_train[batch])
