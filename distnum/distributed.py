@@ -22,12 +22,13 @@ from typing import TypeVar
 import numpy as np
 import ray
 from ray.dag import InputNode, MultiOutputNode
+from ray.util.client import ray as client_ray
 
 from distnum import node_channel
 from distnum.engines import EngineFactory, make_engine
 from distnum.functions import mean_loss
 from distnum.models import ParamLayout, batch_loss, checked_batch, per_sample_losses
-from distnum.node_channel import NodeChannel, WorkerLost, WorkerRaised
+from distnum.node_channel import ChannelUnavailable, NodeChannel, WorkerLost, WorkerRaised
 from distnum.sharding import make_shards
 from distnum.stopping import install
 
@@ -190,21 +191,29 @@ class ShardedGradient:
         self.actors_per_node = dict(collections.Counter(nodes))
 
     def connect_workers(self) -> None:
-        """A NodeChannel when every actor runs on the driver's node, else a compiled graph."""
+        """A NodeChannel when every actor runs on the driver's node (and the driver is no
+        Ray Client, far from it), else, or when an actor cannot use it, a compiled graph."""
         here = ray.get_runtime_context().get_node_id()
-        if set(self.nodes) == {here} and node_channel.available():
+        if set(self.nodes) == {here} and node_channel.available() and not client_ray.is_connected():
             self.channel = NodeChannel(self.size, self.max_batch, self.num_workers)
             path, address = self.channel.shared.path, self.channel.address
             self.serving = [worker.serve.remote(address, path, self.max_batch, k)
                             for k, worker in enumerate(self.workers)]  # fmt: skip
-            self.channel.accept(set(range(self.num_workers)), timeout_s=120)
-            self.transport = "shared memory"
-        else:
-            with InputNode() as step:
-                dag = MultiOutputNode([w.gradient_slice.bind(step) for w in self.workers])
-            buffer_bytes = self.size * 8 + (1 << 16)  # parameters in, a slice out
-            self.graph = dag.experimental_compile(_buffer_size_bytes=buffer_bytes)
-            self.transport = "compiled graph"
+            try:  # an actor's serve() ends only when it cannot serve
+                self.channel.accept(
+                    set(range(self.num_workers)),
+                    timeout_s=120,
+                    failed=lambda: bool(ray.wait(self.serving, timeout=0)[0]),
+                )
+                self.transport = "shared memory"
+                return
+            except ChannelUnavailable:
+                self.disconnect_workers()
+        with InputNode() as step:
+            dag = MultiOutputNode([w.gradient_slice.bind(step) for w in self.workers])
+        buffer_bytes = self.size * 8 + (1 << 16)  # parameters in, a slice out
+        self.graph = dag.experimental_compile(_buffer_size_bytes=buffer_bytes)
+        self.transport = "compiled graph"
 
     def __call__(self, flat: np.ndarray, batch: np.ndarray) -> tuple[np.ndarray, float]:
         """The gradient (layout.size,) in index order, and the longest time one worker spent

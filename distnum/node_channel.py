@@ -39,6 +39,10 @@ class WorkerLost(ConnectionError):
         self.worker = worker
 
 
+class ChannelUnavailable(OSError):
+    """An actor could not open the channel: a compiled graph must carry the steps."""
+
+
 class WorkerRaised(RuntimeError):
     """The actor's engine raised; the message is its type and first line."""
 
@@ -97,16 +101,22 @@ class NodeChannel:
         self.listener.listen(num_workers)
         self.connections: list[socket.socket | None] = [None] * num_workers
 
-    def accept(self, expected: set[int], timeout_s: float) -> None:
-        """Wait for the actors numbered in expected to connect."""
+    def accept(self, expected: set[int], timeout_s: float, failed) -> None:
+        """Wait for the actors numbered in expected to connect; ChannelUnavailable when
+        failed() says one cannot (its serving ended), TimeoutError after timeout_s."""
         deadline = time.monotonic() + timeout_s
         waiting = set(expected)
+        self.listener.settimeout(0.2)
         while waiting:
-            self.listener.settimeout(max(deadline - time.monotonic(), 0.001))
             try:
                 connection, _ = self.listener.accept()
             except TimeoutError:
-                raise TimeoutError(f"worker actors {sorted(waiting)} did not connect") from None
+                if failed():
+                    raise ChannelUnavailable from None
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"worker actors {sorted(waiting)} did not connect"
+                                       ) from None  # fmt: skip
+                continue
             connection.settimeout(None)
             (worker,) = HELLO.unpack(receive(connection, HELLO.size))
             self.drop(worker)

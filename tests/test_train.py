@@ -17,6 +17,7 @@ import pytest
 from run_helpers import assert_nothing_left, descendants, wait_until
 
 from distnum.distributed import ShardedGradient, WorkerFailed
+from distnum.engines import FastEngine
 from distnum.models import TwoLayerNet
 from distnum.training import params_sha256, train
 
@@ -233,3 +234,34 @@ def test_the_workers_loss_has_the_bits_of_one_process(ray_session, mnist, worker
     finally:
         gradient.close()
     assert loss == net.loss(x_train[batch], t_train[batch])
+
+
+def test_actors_without_the_channel_get_a_compiled_graph(ray_session, mnist, monkeypatch,
+                                                         tmp_path):  # fmt: skip
+    """As in a container with its own /dev/shm: the actors' serving ends at once, and the
+    steps go through a compiled graph, with the same bits."""
+    from distnum import node_channel
+
+    created = []
+
+    def unreachable(size: int, max_batch: int) -> node_channel.SharedStep:
+        shared = real_create(size, max_batch)
+        created.append(shared.path)
+        shared.path = str(tmp_path / "elsewhere")  # what the actors are told to open
+        return shared
+
+    real_create = node_channel.SharedStep.create
+    monkeypatch.setattr(node_channel.SharedStep, "create", staticmethod(unreachable))
+    (x_train, t_train), _ = mnist
+    net = TwoLayerNet(784, 12, 10, seed=3)
+    batch = np.random.default_rng(0).choice(len(x_train), 50)
+    gradient = ShardedGradient(net.layout, "fast", 1e-4, x_train, t_train, 2)
+    try:
+        assert gradient.transport == "compiled graph"
+        grad, _ = gradient(net.flat_params, batch)
+    finally:
+        gradient.close()
+        for path in created:
+            os.unlink(path)
+    local = FastEngine(net.layout, np.arange(net.layout.size))
+    assert np.array_equal(grad, local(net.flat_params, x_train[batch], t_train[batch], 1e-4))
