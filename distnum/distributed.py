@@ -1,10 +1,11 @@
-"""Ray: worker actors that each hold one shard's engine, and the compiled graph that calls
-them all once per step.
+"""Ray: worker actors that each hold one shard's engine, and each step sent to them all.
 
 The training set goes into the object store once and every actor reads it from there
-(zero-copy). Each step the driver sends the current parameters and the minibatch's indices;
-each actor returns the central differences of its shard; the driver concatenates the slices
-in index order.
+(zero-copy). Each step the driver hands over the current parameters and the minibatch's
+indices, and each actor computes the central differences of its shard: through shared
+memory when the actors run on the driver's node (node_channel.py), each writing its slice
+into the gradient at its own indices; else through a Ray Compiled Graph, the driver putting
+the slices in index order.
 """
 
 from __future__ import annotations
@@ -195,20 +196,36 @@ class ShardedGradient:
         Ray Client, far from it), else, or when an actor cannot use it, a compiled graph."""
         here = ray.get_runtime_context().get_node_id()
         if set(self.nodes) == {here} and node_channel.available() and not client_ray.is_connected():
-            self.channel = NodeChannel(self.size, self.max_batch, self.num_workers)
+            try:
+                self.channel = NodeChannel(self.size, self.max_batch, self.num_workers)
+            except ChannelUnavailable:
+                return self.compile()
             path, address = self.channel.shared.path, self.channel.address
             self.serving = [worker.serve.remote(address, path, self.max_batch, k)
                             for k, worker in enumerate(self.workers)]  # fmt: skip
-            try:  # an actor's serve() ends only when it cannot serve
-                self.channel.accept(
-                    set(range(self.num_workers)),
-                    timeout_s=120,
-                    failed=lambda: bool(ray.wait(self.serving, timeout=0)[0]),
-                )
+            try:  # an actor's serve() ends early only when it cannot serve, or died
+                self.channel.accept(set(range(self.num_workers)), timeout_s=120,
+                                    failed=self.serving_ended)  # fmt: skip
                 self.transport = "shared memory"
                 return
             except ChannelUnavailable:
                 self.disconnect_workers()
+        self.compile()
+
+    def serving_ended(self) -> bool:
+        """Whether an actor's serve() has ended while the channel waits for it: True when it
+        could not serve; WorkerLost when its actor died."""
+        ended, _ = ray.wait(self.serving, timeout=0)
+        for serving in ended:
+            try:
+                ray.get(serving)
+            except ray.exceptions.RayActorError:
+                raise WorkerLost(self.serving.index(serving)) from None
+            except ray.exceptions.RayError:
+                pass
+        return bool(ended)
+
+    def compile(self) -> None:
         with InputNode() as step:
             dag = MultiOutputNode([w.gradient_slice.bind(step) for w in self.workers])
         buffer_bytes = self.size * 8 + (1 << 16)  # parameters in, a slice out
@@ -249,12 +266,12 @@ class ShardedGradient:
             limit_s = max(MIN_WAIT_S, 10 * self.slowest_compute_s) * self.patience
             try:
                 return request(limit_s)
-            except ray.exceptions.RayTaskError as error:  # the worker's own code raised
+            except (ray.exceptions.RayTaskError, WorkerRaised) as error:  # its own code raised
+                self.close()  # the other actors' answers are left unread: no request after
                 raise worker_failed(error) from None
-            except WorkerRaised as error:
-                raise WorkerFailed(f"a worker actor raised {error}") from None
             except (ray.exceptions.RayError, WorkerLost, TimeoutError) as error:
-                self.recover(error)  # an actor died, or no answer in time
+                failure = error  # an actor died, or no answer in time
+            self.recover(failure)
 
     def run_graph(self, flat: np.ndarray, batch: np.ndarray, sleep_s: float,
                   limit_s: float) -> tuple[np.ndarray, float]:  # fmt: skip
@@ -270,23 +287,33 @@ class ShardedGradient:
     def recover(self, error: Exception) -> None:
         """After a failed or unanswered step: replace the actors that died, or, when all are
         alive (the step was only slower than the limit), wait longer next time; then
-        connect them again, so that the step can be redone."""
-        self.disconnect_workers()
-        dead = [k for k, worker in enumerate(self.workers) if not self.answers(worker)]
-        if not dead:
-            self.patience *= 4
-        else:
-            self.restarts += 1
-            if self.restarts > self.max_restarts:
-                raise WorkerFailed(
-                    f"worker actors died {self.restarts} times, more than "
-                    f"--max-worker-restarts {self.max_restarts}; last: {first_line(error)}"
-                ) from None
+        connect them again, so that the step can be redone. Connecting again can fail too
+        (an actor dies meanwhile): that counts as a restart, and all is done once more."""
+        reconnecting = False
+        while True:
+            self.disconnect_workers(wait_s=60)
+            dead = [k for k, worker in enumerate(self.workers) if not self.answers(worker)]
+            if dead or reconnecting:
+                self.count_restart(error)
+            else:
+                self.patience *= 4
             for k in dead:
                 ray.kill(self.workers[k])
                 self.workers[k] = self.new_worker(self.shards[k])
-        self.wait_ready()
-        self.connect_workers()
+            self.wait_ready()
+            try:
+                self.connect_workers()
+                return
+            except (ray.exceptions.RayError, WorkerLost, TimeoutError) as again:
+                error, reconnecting = again, True
+
+    def count_restart(self, error: Exception) -> None:
+        self.restarts += 1
+        if self.restarts > self.max_restarts:
+            raise WorkerFailed(
+                f"worker actors died {self.restarts} times, more than "
+                f"--max-worker-restarts {self.max_restarts}; last: {first_line(error)}"
+            ) from None
 
     @staticmethod
     def answers(worker: ray.actor.ActorHandle) -> bool:
@@ -296,9 +323,10 @@ class ShardedGradient:
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
             return False
 
-    def disconnect_workers(self) -> None:
-        """Tear the graph down, or close the channel: each actor's serving loop then ends
-        (after the step it computes, if any), and it takes calls again."""
+    def disconnect_workers(self, wait_s: float = 0.0) -> None:
+        """Tear the graph down, or close the channel: each actor's serving then ends (after
+        the step it computes, if any), and it takes calls again; wait up to wait_s for
+        that, all actors together."""
         if self.graph is not None:
             try:
                 self.graph.teardown()
@@ -308,12 +336,14 @@ class ShardedGradient:
         if self.channel is not None:
             self.channel.close()
             self.channel = None
-            for serving in self.serving:
+        if self.serving and wait_s > 0:
+            ended, _ = ray.wait(self.serving, num_returns=len(self.serving), timeout=wait_s)
+            for serving in ended:  # collected, so that Ray reports no unhandled error
                 try:
-                    ray.get(serving, timeout=60)
+                    ray.get(serving)
                 except ray.exceptions.RayError:
-                    pass  # its actor died, or hangs: answers() will say
-            self.serving = []
+                    pass  # its actor died: answers() will say
+        self.serving = []
 
     def close(self) -> None:
         self.disconnect_workers()
@@ -330,8 +360,10 @@ def first_line(error: BaseException) -> str:
     return lines[0] if lines else type(error).__name__
 
 
-def worker_failed(error: ray.exceptions.RayTaskError) -> WorkerFailed:
+def worker_failed(error: ray.exceptions.RayTaskError | WorkerRaised) -> WorkerFailed:
     """A worker's own exception as one line: its type and message."""
+    if isinstance(error, WorkerRaised):  # the node channel's: "Type: first line" already
+        return WorkerFailed(f"a worker actor raised {error}")
     cause = error.cause if isinstance(error.cause, BaseException) else error
     return WorkerFailed(f"a worker actor raised {type(cause).__name__}: {first_line(cause)}")
 

@@ -25,21 +25,23 @@ from pathlib import Path
 import numpy as np
 
 SHARED_DIR = Path("/dev/shm")
-GO = struct.Struct("<qqqq")  # driver -> actor: what (GRADIENT, LOSSES), batch size, rows
+# driver -> actor: what (GRADIENT or LOSSES), the batch's size, the first and stop rows whose
+# losses the actor computes
+GO = struct.Struct("<qqqq")
 GRADIENT, LOSSES = 0, 1
 DONE = struct.Struct("<Bdq")  # actor -> driver: failed?, seconds computing, message bytes
 HELLO = struct.Struct("<q")  # actor -> driver on connecting: its worker number
+HELLO_TIMEOUT_S = 10.0
 
 
-class WorkerLost(ConnectionError):
-    """The actor's connection ended: its process is gone."""
+class WorkerLost(RuntimeError):
+    """An actor's connection ended: its process is gone."""
 
     def __init__(self, worker: int) -> None:
-        super().__init__(f"worker {worker}'s connection ended")
-        self.worker = worker
+        super().__init__(f"worker actor {worker}'s connection ended")
 
 
-class ChannelUnavailable(OSError):
+class ChannelUnavailable(RuntimeError):
     """An actor could not open the channel: a compiled graph must carry the steps."""
 
 
@@ -68,11 +70,14 @@ class SharedStep:
     def create(cls, size: int, max_batch: int) -> SharedStep:
         descriptor, path = tempfile.mkstemp(prefix=f"distnum-step-{os.getpid()}-",
                                             dir=SHARED_DIR)  # fmt: skip
-        try:
-            os.ftruncate(descriptor, bytes_for(size, max_batch))
+        try:  # allocated now: a full /dev/shm is an error here, not a SIGBUS at a step
+            os.posix_fallocate(descriptor, 0, bytes_for(size, max_batch))
+            return cls(path, size, max_batch)
+        except OSError as error:
+            os.unlink(path)
+            raise ChannelUnavailable(f"no room in {SHARED_DIR}: {error}") from None
         finally:
             os.close(descriptor)
-        return cls(path, size, max_batch)
 
     def unlink(self) -> None:
         try:
@@ -94,12 +99,16 @@ class NodeChannel:
 
     def __init__(self, size: int, max_batch: int, num_workers: int) -> None:
         self.shared = SharedStep.create(size, max_batch)
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        # an abstract address: no file to leave behind, private to this network namespace
-        self.address = f"\0distnum-{os.getpid()}-{secrets.token_hex(8)}"
-        self.listener.bind(self.address)
-        self.listener.listen(num_workers)
         self.connections: list[socket.socket | None] = [None] * num_workers
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # an abstract address: no file to leave behind, in this network namespace only
+        self.address = f"\0distnum-{os.getpid()}-{secrets.token_hex(8)}"
+        try:
+            self.listener.bind(self.address)
+            self.listener.listen(num_workers)
+        except OSError as error:
+            self.close()
+            raise ChannelUnavailable(f"cannot listen on a Unix socket: {error}") from None
 
     def accept(self, expected: set[int], timeout_s: float, failed) -> None:
         """Wait for the actors numbered in expected to connect; ChannelUnavailable when
@@ -117,14 +126,31 @@ class NodeChannel:
                     raise TimeoutError(f"worker actors {sorted(waiting)} did not connect"
                                        ) from None  # fmt: skip
                 continue
-            connection.settimeout(None)
-            (worker,) = HELLO.unpack(receive(connection, HELLO.size))
-            self.drop(worker)
-            self.connections[worker] = connection
-            waiting.discard(worker)
+            worker = self.hello(connection)
+            if worker in waiting:
+                self.drop(worker)
+                self.connections[worker] = connection
+                waiting.discard(worker)
+            else:
+                connection.close()
         # every actor has mapped the file: its name can go, so that nothing is left in
         # /dev/shm whatever ends the driver (the memory goes with the last mapping)
         self.shared.unlink()
+
+    def hello(self, connection: socket.socket) -> int | None:
+        """The worker number a new connection gives, if it comes from a process of this user
+        (any local process can reach an abstract address) and says so in time."""
+        peer = connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        _, uid, _ = struct.unpack("3i", peer)
+        if uid != os.getuid():
+            return None
+        connection.settimeout(HELLO_TIMEOUT_S)
+        try:
+            (worker,) = HELLO.unpack(receive(connection, HELLO.size))
+        except (OSError, EOFError):
+            return None
+        connection.settimeout(None)
+        return worker
 
     def gradient(self, flat: np.ndarray, batch: np.ndarray, sleep_s: float,
                  limit_s: float) -> tuple[np.ndarray, float]:  # fmt: skip
@@ -141,6 +167,9 @@ class NodeChannel:
 
     def run(self, what: int, flat: np.ndarray, batch: np.ndarray, sleep_s: float,
             limit_s: float) -> float:  # fmt: skip
+        if batch.size > self.shared.max_batch:
+            raise ValueError(f"a batch of {batch.size} samples; at most {self.shared.max_batch} "
+                             "(the training set's size)")  # fmt: skip
         self.shared.params[:] = flat
         self.shared.batch[: batch.size] = batch
         rows = np.linspace(0, batch.size, len(self.connections) + 1).astype(np.int64)
@@ -151,17 +180,21 @@ class NodeChannel:
                 raise WorkerLost(worker) from None
         started = time.monotonic()
         time.sleep(sleep_s)  # the actors compute; waking early only costs a CPU they need
-        pending = {connection.fileno(): worker for worker, connection in
-                   enumerate(self.connections)}  # fmt: skip
+        poller = select.poll()  # not select(): it fails on descriptors past 1023
+        pending = {}
+        for worker, connection in enumerate(self.connections):
+            poller.register(connection, select.POLLIN)
+            pending[connection.fileno()] = worker
         longest = 0.0
         while pending:
-            left = limit_s - (time.monotonic() - started)
-            ready, _, _ = select.select(list(pending), [], [], max(left, 0.0))
+            left_ms = 1000 * (limit_s - (time.monotonic() - started))
+            ready = poller.poll(max(left_ms, 0.0))
             if not ready:
                 raise TimeoutError(f"no answer from worker actors {sorted(pending.values())} "
                                    f"in {limit_s:.0f} s")  # fmt: skip
-            for descriptor in ready:
+            for descriptor, _ in ready:
                 worker = pending.pop(descriptor)
+                poller.unregister(descriptor)
                 try:
                     failed, seconds, length = DONE.unpack(
                         receive(self.connections[worker], DONE.size)
@@ -181,8 +214,9 @@ class NodeChannel:
             connection.close()
 
     def close(self) -> None:
+        """Every connection closed (each actor's serving ends with its own), the file too."""
         for worker in range(len(self.connections)):
-            self.drop(worker)  # each actor's loop ends when its connection does
+            self.drop(worker)
         self.listener.close()
         self.shared.close()
         self.shared.unlink()
