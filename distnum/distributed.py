@@ -92,6 +92,12 @@ class LocalGradient:
         """The batch's mean loss at the parameters flat (layout.size,)."""
         return loss_in_process(self.layout, flat, self.x_train, self.t_train, batch)
 
+    def step(self, flat: np.ndarray, batch: np.ndarray,
+             loss_batch: np.ndarray | None) -> tuple[np.ndarray, float, float | None]:  # fmt: skip
+        """The gradient and its seconds as __call__, and loss(flat, loss_batch) if given."""
+        grad, seconds = self(flat, batch)
+        return grad, seconds, None if loss_batch is None else self.loss(flat, loss_batch)
+
     def close(self) -> None:
         pass
 
@@ -235,16 +241,30 @@ class ShardedGradient:
     def __call__(self, flat: np.ndarray, batch: np.ndarray) -> tuple[np.ndarray, float]:
         """The gradient (layout.size,) in index order, and the longest time one worker spent
         computing its slice."""
+        grad, compute_s, _ = self.step(flat, batch, None)
+        return grad, compute_s
+
+    def step(self, flat: np.ndarray, batch: np.ndarray,
+             loss_batch: np.ndarray | None) -> tuple[np.ndarray, float, float | None]:  # fmt: skip
+        """The gradient and its seconds as __call__, and the mean loss at flat of loss_batch,
+        if given: on the driver's node, in the same request (the previous step's loss, at
+        the parameters this step starts from, costs the actors a few rows each and no
+        round trip of its own)."""
         # the workers compute meanwhile: sleep through most of the expected wait, as the
         # driver's waiting would take a CPU they need when they are as many as the cores
         sleep_s = 0.95 * self.expected_compute_s
-        grad, compute_s = self.recovering(
-            lambda limit_s: self.channel.gradient(flat, batch, sleep_s, limit_s)
-            if self.channel is not None else self.run_graph(flat, batch, sleep_s, limit_s)
+        grad, compute_s, losses = self.recovering(
+            lambda limit_s: self.channel.gradient(flat, batch, loss_batch, sleep_s, limit_s)
+            if self.channel is not None
+            else (*self.run_graph(flat, batch, sleep_s, limit_s), None)
         )  # fmt: skip
         self.expected_compute_s = min(compute_s, 1.05 * self.expected_compute_s or compute_s)
         self.slowest_compute_s = max(self.slowest_compute_s, compute_s)
-        return grad, compute_s
+        if loss_batch is None:
+            return grad, compute_s, None
+        if losses is None:  # a compiled graph's step
+            return grad, compute_s, self.loss(flat, loss_batch)
+        return grad, compute_s, mean_loss(losses)
 
     def loss(self, flat: np.ndarray, batch: np.ndarray) -> float:
         """The batch's mean loss at flat: each actor on the driver's node computes its share

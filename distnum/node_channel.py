@@ -25,10 +25,9 @@ from pathlib import Path
 import numpy as np
 
 SHARED_DIR = Path("/dev/shm")
-# driver -> actor: what (GRADIENT or LOSSES), the batch's size, the first and stop rows whose
-# losses the actor computes
+# driver -> actor: whether to compute the gradient, the batch's size, and the first and stop
+# rows of the loss batch whose per-sample losses this actor computes
 GO = struct.Struct("<qqqq")
-GRADIENT, LOSSES = 0, 1
 DONE = struct.Struct("<Bdq")  # actor -> driver: failed?, seconds computing, message bytes
 HELLO = struct.Struct("<q")  # actor -> driver on connecting: its worker number
 HELLO_TIMEOUT_S = 10.0
@@ -55,7 +54,8 @@ def available() -> bool:
 
 class SharedStep:
     """The mapped file: parameters (size,) float64, gradient (size,) float64, batch
-    (max_batch,) int64 and per-sample losses (max_batch,) float64, in that order."""
+    (max_batch,) int64, loss batch (max_batch,) int64 and its per-sample losses (max_batch,)
+    float64, in that order."""
 
     def __init__(self, path: str, size: int, max_batch: int) -> None:
         self.path, self.size, self.max_batch = path, size, max_batch
@@ -64,7 +64,9 @@ class SharedStep:
         self.params = np.frombuffer(self.map, np.float64, size, 0)
         self.gradient = np.frombuffer(self.map, np.float64, size, 8 * size)
         self.batch = np.frombuffer(self.map, np.int64, max_batch, 16 * size)
-        self.losses = np.frombuffer(self.map, np.float64, max_batch, 8 * (2 * size + max_batch))
+        self.loss_batch = np.frombuffer(self.map, np.int64, max_batch, 8 * (2 * size + max_batch))
+        self.losses = np.frombuffer(self.map, np.float64, max_batch,
+                                    8 * (2 * size + 2 * max_batch))  # fmt: skip
 
     @classmethod
     def create(cls, size: int, max_batch: int) -> SharedStep:
@@ -86,12 +88,12 @@ class SharedStep:
             pass  # unlinked already
 
     def close(self) -> None:
-        del self.params, self.gradient, self.batch, self.losses  # none may outlive the map
+        del self.params, self.gradient, self.batch, self.loss_batch, self.losses  # views go first
         self.map.close()
 
 
 def bytes_for(size: int, max_batch: int) -> int:
-    return 8 * (2 * size + 2 * max_batch)
+    return 8 * (2 * size + 3 * max_batch)
 
 
 class NodeChannel:
@@ -152,30 +154,38 @@ class NodeChannel:
         connection.settimeout(None)
         return worker
 
-    def gradient(self, flat: np.ndarray, batch: np.ndarray, sleep_s: float,
-                 limit_s: float) -> tuple[np.ndarray, float]:  # fmt: skip
-        """The gradient for flat (size,) on the batch's indices, and the longest time an actor
-        spent computing. Raises WorkerLost, WorkerRaised, or TimeoutError after limit_s."""
-        longest = self.run(GRADIENT, flat, batch, sleep_s, limit_s)
-        return self.shared.gradient.copy(), longest
+    def gradient(
+        self, flat: np.ndarray, batch: np.ndarray, loss_batch: np.ndarray | None,
+        sleep_s: float, limit_s: float,
+    ) -> tuple[np.ndarray, float, np.ndarray | None]:  # fmt: skip
+        """The gradient for flat (size,) on the batch's indices, the longest time an actor
+        spent computing, and the per-sample losses at flat of loss_batch's indices, if given
+        (each actor its share of the rows). Raises WorkerLost, WorkerRaised, or TimeoutError
+        after limit_s."""
+        longest = self.run(flat, batch, loss_batch, sleep_s, limit_s)
+        losses = None if loss_batch is None else self.shared.losses[: loss_batch.size].copy()
+        return self.shared.gradient.copy(), longest, losses
 
-    def losses(self, flat: np.ndarray, batch: np.ndarray, limit_s: float) -> np.ndarray:
-        """The per-sample losses (B,) at flat of the batch's indices, each actor computing
-        its share of the rows; raises as gradient() does."""
-        self.run(LOSSES, flat, batch, 0.0, limit_s)
-        return self.shared.losses[: batch.size].copy()
+    def losses(self, flat: np.ndarray, loss_batch: np.ndarray, limit_s: float) -> np.ndarray:
+        """The per-sample losses (B,) at flat of loss_batch's indices alone."""
+        self.run(flat, None, loss_batch, 0.0, limit_s)
+        return self.shared.losses[: loss_batch.size].copy()
 
-    def run(self, what: int, flat: np.ndarray, batch: np.ndarray, sleep_s: float,
-            limit_s: float) -> float:  # fmt: skip
-        if batch.size > self.shared.max_batch:
-            raise ValueError(f"a batch of {batch.size} samples; at most {self.shared.max_batch} "
-                             "(the training set's size)")  # fmt: skip
+    def run(self, flat: np.ndarray, batch: np.ndarray | None, loss_batch: np.ndarray | None,
+            sleep_s: float, limit_s: float) -> float:  # fmt: skip
+        batch = np.empty(0, np.int64) if batch is None else batch
+        loss_batch = np.empty(0, np.int64) if loss_batch is None else loss_batch
+        if max(batch.size, loss_batch.size) > self.shared.max_batch:
+            raise ValueError(f"a batch of {max(batch.size, loss_batch.size)} samples; at most "
+                             f"{self.shared.max_batch} (the training set's size)")  # fmt: skip
         self.shared.params[:] = flat
         self.shared.batch[: batch.size] = batch
-        rows = np.linspace(0, batch.size, len(self.connections) + 1).astype(np.int64)
+        self.shared.loss_batch[: loss_batch.size] = loss_batch
+        rows = np.linspace(0, loss_batch.size, len(self.connections) + 1).astype(np.int64)
         for worker, connection in enumerate(self.connections):
             try:
-                connection.sendall(GO.pack(what, batch.size, rows[worker], rows[worker + 1]))
+                connection.sendall(GO.pack(batch.size > 0, batch.size, rows[worker],
+                                           rows[worker + 1]))  # fmt: skip
             except OSError:
                 raise WorkerLost(worker) from None
         started = time.monotonic()
@@ -234,9 +244,10 @@ def receive(connection: socket.socket, count: int) -> bytes:
 
 def serve(address: str, path: str, size: int, max_batch: int, worker: int, indices: np.ndarray,
           gradient_slice, losses) -> None:  # fmt: skip
-    """The actor's end, until the driver closes the connection. Per request: the slice
-    gradient_slice((flat, batch)) -> (slice, seconds) written into the gradient at indices,
-    or the per-sample losses((flat, batch rows)) of the rows asked for."""
+    """The actor's end, until the driver closes the connection. Per request: the per-sample
+    losses((flat, rows)) of its share of the loss batch's rows, if any, and the slice
+    gradient_slice((flat, batch)) -> (slice, seconds), if asked, written into the gradient at
+    indices."""
     shared = SharedStep(path, size, max_batch)
     params = shared.params[:]
     params.flags.writeable = False  # as the compiled graph hands them over: read-only
@@ -245,16 +256,15 @@ def serve(address: str, path: str, size: int, max_batch: int, worker: int, indic
         connection.connect(address)
         connection.sendall(HELLO.pack(worker))
         while True:
-            what, batch_size, first, stop = GO.unpack(receive(connection, GO.size))
+            wanted, batch_size, first, stop = GO.unpack(receive(connection, GO.size))
+            seconds = 0.0
             try:
-                if what == GRADIENT:
+                if stop > first:  # more actors than rows leaves some with none
+                    rows = shared.loss_batch[first:stop].copy()
+                    shared.losses[first:stop] = losses((params, rows))
+                if wanted:
                     grad, seconds = gradient_slice((params, shared.batch[:batch_size].copy()))
                     shared.gradient[indices] = grad
-                else:
-                    seconds = 0.0
-                    if stop > first:  # more actors than rows leaves some with none
-                        rows = shared.batch[first:stop].copy()
-                        shared.losses[first:stop] = losses((params, rows))
             except Exception as error:
                 lines = str(error).strip().splitlines()
                 message = f"{type(error).__name__}: {lines[0] if lines else ''}".encode()

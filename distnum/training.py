@@ -408,40 +408,63 @@ class Run:
         return net.accuracy(self.x_train, self.t_train), net.accuracy(self.x_test, self.t_test)
 
     def loop(self, gradient, progress: Progress) -> float:
-        """Steps up to iters; returns the seconds the workers spent computing, at most."""
-        config, net, metrics = self.config, self.net, self.metrics
+        """Steps up to iters; returns the seconds the workers spent computing, at most.
+
+        A step's loss is that of its batch at the parameters it ends with, which the next
+        step starts from: so it comes with the next step's gradient, in the same request to
+        the actors, except where it is needed at once (an evaluation, a checkpoint, the last
+        step, a stop, non-finite parameters)."""
+        config, net = self.config, self.net
         checkpoint_every = config.checkpoint_every or self.iter_per_epoch
         compute_s = 0.0
+        owed = None  # the last step's (batch, seconds) while its loss is still to come
         while self.step < config.iters:
+            if owed is not None and self.stop.signal_name is not None:
+                self.record(gradient.loss(net.flat_params, owed[0]), owed[1], progress)
+                owed = None
             self.stop_if_asked()
             step_started = time.perf_counter()
             batch = self.batch_rng.choice(len(self.x_train), config.batch_size)
-            grad, seconds = gradient(net.flat_params, batch)
+            grad, seconds, owed_loss = gradient.step(net.flat_params, batch,
+                                                     None if owed is None else owed[0])  # fmt: skip
+            if owed is not None:
+                self.record(owed_loss, owed[1], progress)
             net.flat_params -= config.lr * grad
-            loss = gradient.loss(net.flat_params, batch)
-            if not (math.isfinite(loss) and np.isfinite(net.flat_params).all()):
-                raise Diverged(
-                    f"diverged at step {self.step + 1}: the loss is {loss} with "
-                    f"{option('lr', config.lr)}; last good checkpoint: {self.last_checkpoint}, "
-                    f"in {self.out}; try a smaller {option('lr')}"
-                )
             self.step += 1
             compute_s += seconds
-            with writing(self.out, self.last_checkpoint):
-                metrics.step(self.step, loss, time.perf_counter() - step_started)
-                progress.step(loss)
-                if self.step % self.iter_per_epoch == 0 or self.step == config.iters:
-                    epoch = self.step / self.iter_per_epoch
-                    train_acc, test_acc = self.evaluate()
-                    metrics.epoch(self.step, epoch, train_acc, test_acc)
-                    epoch = self.step / self.iter_per_epoch
-                    progress.line(
-                        f"step {self.step:>6}  epoch {epoch:6.2f}  loss {loss:.4g}  "
-                        f"train_acc {train_acc:.4f}  test_acc {test_acc:.4f}"
-                    )
-            if self.step % checkpoint_every == 0 or self.step == config.iters:
+            step_s = time.perf_counter() - step_started
+            checkpoint = self.step % checkpoint_every == 0 or self.step == config.iters
+            evaluation = self.step % self.iter_per_epoch == 0
+            if checkpoint or evaluation or not np.isfinite(net.flat_params).all():
+                self.record(gradient.loss(net.flat_params, batch), step_s, progress)
+                owed = None
+            else:
+                owed = (batch, step_s)
+            if checkpoint:
                 self.save_checkpoint()
         return compute_s
+
+    def record(self, loss: float, seconds: float, progress: Progress) -> None:
+        """Step self.step's loss, at the parameters it ended with (net.flat_params now): the
+        metrics, the bar, and at an epoch's end the accuracies."""
+        config, net, metrics = self.config, self.net, self.metrics
+        if not (math.isfinite(loss) and np.isfinite(net.flat_params).all()):
+            raise Diverged(
+                f"diverged at step {self.step}: the loss is {loss} with "
+                f"{option('lr', config.lr)}; last good checkpoint: {self.last_checkpoint}, "
+                f"in {self.out}; try a smaller {option('lr')}"
+            )
+        with writing(self.out, self.last_checkpoint):
+            metrics.step(self.step, loss, seconds)
+            progress.step(loss)
+            if self.step % self.iter_per_epoch == 0 or self.step == config.iters:
+                epoch = self.step / self.iter_per_epoch
+                train_acc, test_acc = self.evaluate()
+                metrics.epoch(self.step, epoch, train_acc, test_acc)
+                progress.line(
+                    f"step {self.step:>6}  epoch {epoch:6.2f}  loss {loss:.4g}  "
+                    f"train_acc {train_acc:.4f}  test_acc {test_acc:.4f}"
+                )
 
     def write_outputs(self, summary: dict, only_missing: bool = False) -> list[str]:
         """params.npz and summary.json, each whole or not at all; returns the names

@@ -72,12 +72,15 @@ def test_steps_and_losses_through_shared_memory(channel, monkeypatch):
     channel.accept({0, 1}, timeout_s=30, failed=lambda: False)
     assert not Path(channel.shared.path).exists()  # mapped by all: its name is gone
     flat = np.arange(SIZE, dtype=np.float64)
-    for batch in (np.array([1, 2]), np.array([3, 0, 1, 2, 4, 5, 6])):
-        grad, seconds = channel.gradient(flat, batch, 0.0, 10)
+    previous = None
+    for batch in (np.array([1, 2]), np.array([3, 0, 1, 2, 4, 5, 6]), np.array([7])):
+        grad, seconds, losses = channel.gradient(flat, batch, previous, 0.0, 10)
         assert np.array_equal(grad, flat * batch.sum()) and seconds == 0.001
+        assert losses is None if previous is None else np.array_equal(losses, previous * 0.5)
         assert np.array_equal(channel.losses(flat, batch, 10), batch * 0.5)
+        previous = batch
     with pytest.raises(ValueError, match="at most 8"):
-        channel.gradient(flat, np.zeros(9, dtype=np.int64), 0.0, 10)
+        channel.gradient(flat, np.zeros(9, dtype=np.int64), None, 0.0, 10)
     silent.close()
     stranger.close()
 
@@ -86,7 +89,7 @@ def test_a_workers_exception_comes_back_as_one_line(channel):
     channel, _ = channel
     channel.accept({0, 1}, timeout_s=30, failed=lambda: False)
     with pytest.raises(WorkerRaised, match=r"^ArithmeticError: a negative sample$"):
-        channel.gradient(np.zeros(SIZE), np.array([-1]), 0.0, 10)
+        channel.gradient(np.zeros(SIZE), np.array([-1]), None, 0.0, 10)
 
 
 def test_accept_gives_up_when_an_actor_cannot_serve():
