@@ -193,7 +193,8 @@ def format_worker_rows(rows: list[dict[str, float]]) -> str:
             f"{r['median_overhead_s'] * 1e3:>12.2f}  {r['transport']}"
         )
     lines.append(
-        "medians over the timed steps; compute: the slowest worker's own time; overhead: "
+        "medians over the timed steps; compute: the slowest worker's own time (its slice, and "
+        "its rows of the previous step's loss); overhead: "
         "the rest of the step (Ray calls, transfers, gathering, the update)."
     )
     return "\n".join(lines)

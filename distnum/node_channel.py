@@ -159,9 +159,9 @@ class NodeChannel:
         sleep_s: float, limit_s: float,
     ) -> tuple[np.ndarray, float, np.ndarray | None]:  # fmt: skip
         """The gradient for flat (size,) on the batch's indices, the longest time an actor
-        spent computing, and the per-sample losses at flat of loss_batch's indices, if given
-        (each actor its share of the rows). Raises WorkerLost, WorkerRaised, or TimeoutError
-        after limit_s."""
+        spent computing (its losses included), and the per-sample losses at flat of
+        loss_batch's indices, if given (each actor its share of the rows). Raises
+        WorkerLost, WorkerRaised, or TimeoutError after limit_s."""
         longest = self.run(flat, batch, loss_batch, sleep_s, limit_s)
         losses = None if loss_batch is None else self.shared.losses[: loss_batch.size].copy()
         return self.shared.gradient.copy(), longest, losses
@@ -257,14 +257,16 @@ def serve(address: str, path: str, size: int, max_batch: int, worker: int, indic
         connection.sendall(HELLO.pack(worker))
         while True:
             wanted, batch_size, first, stop = GO.unpack(receive(connection, GO.size))
-            seconds = 0.0
+            started = time.perf_counter()
             try:
                 if stop > first:  # more actors than rows leaves some with none
                     rows = shared.loss_batch[first:stop].copy()
                     shared.losses[first:stop] = losses((params, rows))
+                seconds = time.perf_counter() - started  # computing, as the slice's below
                 if wanted:
-                    grad, seconds = gradient_slice((params, shared.batch[:batch_size].copy()))
+                    grad, slice_s = gradient_slice((params, shared.batch[:batch_size].copy()))
                     shared.gradient[indices] = grad
+                    seconds += slice_s
             except Exception as error:
                 lines = str(error).strip().splitlines()
                 message = f"{type(error).__name__}: {lines[0] if lines else ''}".encode()

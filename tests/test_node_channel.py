@@ -75,7 +75,7 @@ def test_steps_and_losses_through_shared_memory(channel, monkeypatch):
     previous = None
     for batch in (np.array([1, 2]), np.array([3, 0, 1, 2, 4, 5, 6]), np.array([7])):
         grad, seconds, losses = channel.gradient(flat, batch, previous, 0.0, 10)
-        assert np.array_equal(grad, flat * batch.sum()) and seconds == 0.001
+        assert np.array_equal(grad, flat * batch.sum()) and 0.001 <= seconds < 1
         assert losses is None if previous is None else np.array_equal(losses, previous * 0.5)
         assert np.array_equal(channel.losses(flat, batch, 10), batch * 0.5)
         previous = batch
