@@ -107,7 +107,7 @@ class NodeChannel:
         self.address = f"\0distnum-{os.getpid()}-{secrets.token_hex(8)}"
         try:
             self.listener.bind(self.address)
-            self.listener.listen(num_workers)
+            self.listener.listen(num_workers + 16)  # room for strangers, turned away
         except OSError as error:
             self.close()
             raise ChannelUnavailable(f"cannot listen on a Unix socket: {error}") from None
