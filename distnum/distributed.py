@@ -28,7 +28,7 @@ from ray.util.client import ray as client_ray
 from distnum import node_channel
 from distnum.engines import EngineFactory, make_engine
 from distnum.functions import mean_loss
-from distnum.models import ParamLayout, batch_loss, checked_batch, per_sample_losses
+from distnum.models import ParamLayout, checked_batch, per_sample_losses
 from distnum.node_channel import ChannelUnavailable, NodeChannel, WorkerLost, WorkerRaised
 from distnum.sharding import make_shards
 from distnum.stopping import install
@@ -57,10 +57,17 @@ def shard_slice(engine, size: int, flat: np.ndarray, x: np.ndarray, labels: np.n
     return grad
 
 
+def sample_losses(layout: ParamLayout, flat: np.ndarray, x_train: np.ndarray,
+                  t_train: np.ndarray, rows: np.ndarray) -> np.ndarray:  # fmt: skip
+    """The losses (R,) at flat of the R training samples numbered in rows."""
+    x, labels = checked_batch(layout, x_train[rows], t_train[rows])
+    return per_sample_losses(layout.views(flat), x, labels)
+
+
 def loss_in_process(layout: ParamLayout, flat: np.ndarray, x_train: np.ndarray,
                     t_train: np.ndarray, batch: np.ndarray) -> float:  # fmt: skip
     """The mean loss at flat of the training samples numbered in batch."""
-    return batch_loss(layout.views(flat), *checked_batch(layout, x_train[batch], t_train[batch]))
+    return mean_loss(sample_losses(layout, flat, x_train, t_train, batch))
 
 
 class RayUnavailable(RuntimeError):
@@ -133,8 +140,7 @@ class GradientWorker:
     def per_sample_losses(self, step: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
         """The losses (R,) at the parameters of R samples, given by their indices."""
         flat, rows = step
-        x, labels = checked_batch(self.layout, self.x_train[rows], self.t_train[rows])
-        return per_sample_losses(self.layout.views(flat), x, labels)
+        return sample_losses(self.layout, flat, self.x_train, self.t_train, rows)
 
     def serve(self, address: str, path: str, max_batch: int, worker: int) -> None:
         """Steps from the driver's NodeChannel, until it closes the connection."""
@@ -163,7 +169,6 @@ class ShardedGradient:
         cpus = ray.cluster_resources().get("CPU", 1.0)
         self.cpus_per_worker = min(1.0, cpus / num_workers)
         self.num_workers, self.max_restarts, self.restarts = num_workers, max_restarts, 0
-        self.size, self.max_batch = layout.size, len(x_train)
         self.layout, self.x_train, self.t_train = layout, x_train, t_train
         self.graph = None
         self.channel: NodeChannel | None = None
@@ -201,13 +206,14 @@ class ShardedGradient:
         """A NodeChannel when every actor runs on the driver's node (and the driver is no
         Ray Client, far from it), else, or when an actor cannot use it, a compiled graph."""
         here = ray.get_runtime_context().get_node_id()
+        max_batch = len(self.x_train)  # train() refuses larger batches; the channel too
         if set(self.nodes) == {here} and node_channel.available() and not client_ray.is_connected():
             try:
-                self.channel = NodeChannel(self.size, self.max_batch, self.num_workers)
+                self.channel = NodeChannel(self.layout.size, max_batch, self.num_workers)
             except ChannelUnavailable:
                 return self.compile()
             path, address = self.channel.shared.path, self.channel.address
-            self.serving = [worker.serve.remote(address, path, self.max_batch, k)
+            self.serving = [worker.serve.remote(address, path, max_batch, k)
                             for k, worker in enumerate(self.workers)]  # fmt: skip
             try:  # an actor's serve() ends early only when it cannot serve, or died
                 self.channel.accept(set(range(self.num_workers)), timeout_s=120,
@@ -234,7 +240,7 @@ class ShardedGradient:
     def compile(self) -> None:
         with InputNode() as step:
             dag = MultiOutputNode([w.gradient_slice.bind(step) for w in self.workers])
-        buffer_bytes = self.size * 8 + (1 << 16)  # parameters in, a slice out
+        buffer_bytes = self.layout.size * 8 + (1 << 16)  # parameters in, a slice out
         self.graph = dag.experimental_compile(_buffer_size_bytes=buffer_bytes)
         self.transport = "compiled graph"
 
