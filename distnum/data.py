@@ -364,10 +364,52 @@ def load_mnist(
     splits = []
     for split in ("train", "test"):
         images, labels = read_split(directory, split, cached)
-        x = images.astype(np.float64)
-        if normalize:
-            x /= 255.0
+        x = pixel_values(images, normalize)
         x = x.reshape(len(x), -1) if flatten else x.reshape(len(x), 1, IMAGE_SIDE, IMAGE_SIDE)
         t = np.eye(NUM_CLASSES)[labels] if one_hot_label else labels.astype(np.int64)
         splits.append((x, t))
     return splits[0], splits[1]
+
+
+def pixel_values(images: np.ndarray, normalize: bool) -> np.ndarray:
+    """uint8 images as float64: in [0, 1] (each code / 255.0) when normalize, else [0, 255]."""
+    x = images.astype(np.float64)
+    if normalize:
+        x /= 255.0
+    return x
+
+
+class ImageCodes:
+    """Images (N, D) kept as their uint8 codes, 8x smaller than float64, for shipping the
+    training set to every node: rows read back are the float64 values load_mnist gives,
+    bit for bit (the same conversion, pixel_values)."""
+
+    def __init__(self, codes: np.ndarray, normalize: bool) -> None:
+        self.codes, self.normalize = codes, normalize
+        self.shape = codes.shape
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    def __getitem__(self, rows) -> np.ndarray:
+        return pixel_values(self.codes[rows], self.normalize)
+
+    @classmethod
+    def of(cls, x: np.ndarray, chunk_rows: int = 4096) -> ImageCodes | None:
+        """x's codes, if every value of x is one that pixel_values gives (normalised or
+        not), else None: a training set of the user's own may be any float64."""
+        if x.dtype != np.float64 or x.ndim != 2 or x.size == 0:
+            return None
+        for normalize in (True, False):
+            codes = np.empty(x.shape, np.uint8)
+            for start in range(0, len(x), chunk_rows):
+                part = x[start : start + chunk_rows]
+                nearest = np.rint(part * 255.0 if normalize else part)
+                if not (np.all((nearest >= 0) & (nearest <= 255))
+                        and np.array_equal(pixel_values(nearest.astype(np.uint8), normalize),
+                                           part)):  # fmt: skip
+                    break
+                codes[start : start + chunk_rows] = nearest
+            else:
+                return cls(codes, normalize)
+        return None

@@ -1,11 +1,13 @@
 """Ray: worker actors that each hold one shard's engine, and each step sent to them all.
 
-The training set goes into the object store once and every actor reads it from there
-(zero-copy). Each step the driver hands over the current parameters and the minibatch's
-indices, and each actor computes the central differences of its shard: through shared
-memory when the actors run on the driver's node (node_channel.py), each writing its slice
-into the gradient at its own indices; else through a Ray Compiled Graph, the driver putting
-the slices in index order.
+The training set goes into the object store once, as uint8 codes when it is made of pixel
+values (8x fewer bytes to each node), and every actor reads it from there (zero-copy). Each
+step the driver hands over the current parameters and the minibatch's indices, and each
+actor computes the central differences of its shard (node_channel.py): through shared
+memory on the driver's node, each actor writing its slice into the gradient at its own
+indices; on every other node through a HostRelay actor, which takes one copy of the step
+over TCP for all the node's actors, and answers with the node's slice. A driver that is no
+node of the cluster (Ray Client) steps through a Ray Compiled Graph instead.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import collections
 import os
 import re
+import secrets
 import signal
 import socket
 import threading
@@ -24,17 +27,26 @@ import numpy as np
 import ray
 from ray.dag import InputNode, MultiOutputNode
 from ray.util.client import ray as client_ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from distnum import node_channel
+from distnum.data import ImageCodes
 from distnum.engines import EngineFactory, make_engine
 from distnum.functions import mean_loss
 from distnum.models import ParamLayout, checked_batch, per_sample_losses
-from distnum.node_channel import ChannelUnavailable, NodeChannel, WorkerLost, WorkerRaised
+from distnum.node_channel import (
+    ChannelUnavailable,
+    HostLink,
+    NodeChannel,
+    WorkerLost,
+    WorkerRaised,
+)
 from distnum.sharding import make_shards
 from distnum.stopping import install
 
 T = TypeVar("T")
 MIN_WAIT_S = 10.0  # the least a step is waited for before the actors are checked
+CONNECT_TIMEOUT_S = 120.0  # for every actor to connect, numba's compilations done
 # a GradientWorker actor's resident memory beyond its parameters, measured with a 784-50-10
 # net on MNIST: the interpreter, numpy, numba and its compiled kernels, Ray's worker
 ACTOR_BASE_BYTES = 135 * 2**20
@@ -143,16 +155,43 @@ class GradientWorker:
         return sample_losses(self.layout, flat, self.x_train, self.t_train, rows)
 
     def serve(self, address: str, path: str, max_batch: int, worker: int) -> None:
-        """Steps from the driver's NodeChannel, until it closes the connection."""
+        """Steps from its node's NodeChannel (the driver's, or a relay's), until it closes
+        the connection."""
         node_channel.serve(address, path, self.layout.size, max_batch, worker, self.indices,
                            self.gradient_slice, self.per_sample_losses)  # fmt: skip
 
 
+@ray.remote
+class HostRelay:
+    """The driver's part on a node it does not run on: a NodeChannel for the node's worker
+    actors, and a TCP port for the driver, which sends each step here once."""
+
+    def __init__(self, size: int, max_batch: int, workers: list[int], indices: np.ndarray,
+                 secret: bytes) -> None:  # fmt: skip
+        self.channel = NodeChannel(size, max_batch, workers)
+        self.listener = socket.create_server((ray.util.get_node_ip_address(), 0))
+        self.indices, self.secret = indices, secret
+
+    def endpoints(self) -> tuple[str, str, tuple[str, int]]:
+        """The shared file and the Unix address, for the node's actors; the TCP address."""
+        return self.channel.shared.path, self.channel.address, self.listener.getsockname()[:2]
+
+    def serve(self) -> None:
+        """Relays the steps, until the driver closes its connection or an actor is lost."""
+        try:
+            self.channel.accept(CONNECT_TIMEOUT_S, failed=lambda: False)
+            node_channel.relay(self.listener, self.secret, self.channel, self.indices,
+                               CONNECT_TIMEOUT_S)  # fmt: skip
+        finally:
+            self.listener.close()
+            self.channel.close()
+
+
 class ShardedGradient:
     """The driver's side: num_workers GradientWorker actors spread over the cluster's nodes,
-    shards of equal estimated cost, and each step sent to them all at once: through a
-    NodeChannel (shared memory) when they all run on the driver's node, else through a Ray
-    Compiled Graph.
+    shards of equal estimated cost, and each step sent to them all at once: through shared
+    memory on each node and one TCP connection to each other node's HostRelay, or through a
+    Ray Compiled Graph when the driver is a Ray Client.
 
     A worker actor that dies is replaced, the actors connected again and the step redone
     (the same inputs give the same bits), up to max_restarts times in all."""
@@ -164,7 +203,10 @@ class ShardedGradient:
         density = np.count_nonzero(x_train, axis=0) / len(x_train)
         self.shards = make_shards(layout, density, num_workers)
         self.shard_indices = np.concatenate(self.shards)  # where each gathered value belongs
-        self.actor_args = (engine, layout, h, ray.put(x_train), ray.put(t_train))
+        codes = ImageCodes.of(x_train)
+        shipped = x_train if codes is None else codes
+        self.training_set_bytes = x_train.nbytes if codes is None else codes.codes.nbytes
+        self.actor_args = (engine, layout, h, ray.put(shipped), ray.put(t_train))
         # more workers than CPUs share them, rather than wait for CPUs that never come
         cpus = ray.cluster_resources().get("CPU", 1.0)
         self.cpus_per_worker = min(1.0, cpus / num_workers)
@@ -175,6 +217,7 @@ class ShardedGradient:
         self.transport: str | None = None  # how steps reach the actors, once connected
         self.serving: list[ray.ObjectRef] = []
         self.workers: list[ray.actor.ActorHandle] = []
+        self.relays: list[ray.actor.ActorHandle] = []
         self.expected_compute_s = self.slowest_compute_s = 0.0
         self.patience = 1  # grows when a step outlasts the wait limit with every actor alive
         try:
@@ -203,36 +246,64 @@ class ShardedGradient:
         self.actors_per_node = dict(collections.Counter(nodes))
 
     def connect_workers(self) -> None:
-        """A NodeChannel when every actor runs on the driver's node (and the driver is no
-        Ray Client, far from it), else, or when an actor cannot use it, a compiled graph."""
-        here = ray.get_runtime_context().get_node_id()
-        max_batch = len(self.x_train)  # train() refuses larger batches; the channel too
-        if set(self.nodes) == {here} and node_channel.available() and not client_ray.is_connected():
+        """Shared memory and relays when the driver runs on a node of the cluster (no Ray
+        Client, far from it); else, or when an actor cannot use them, a compiled graph."""
+        if node_channel.available() and not client_ray.is_connected():
             try:
-                self.channel = NodeChannel(self.layout.size, max_batch, self.num_workers)
-            except ChannelUnavailable:
-                return self.compile()
-            path, address = self.channel.shared.path, self.channel.address
-            self.serving = [worker.serve.remote(address, path, max_batch, k)
-                            for k, worker in enumerate(self.workers)]  # fmt: skip
-            try:  # an actor's serve() ends early only when it cannot serve, or died
-                self.channel.accept(set(range(self.num_workers)), timeout_s=120,
-                                    failed=self.serving_ended)  # fmt: skip
-                self.transport = "shared memory"
+                self.open_channel()
                 return
             except ChannelUnavailable:
                 self.disconnect_workers()
         self.compile()
 
+    def open_channel(self) -> None:
+        """The driver's NodeChannel for the actors on its node, and a HostRelay on each other
+        node with actors, connected to it; ChannelUnavailable when an actor or a relay
+        cannot serve."""
+        size, max_batch = self.layout.size, len(self.x_train)  # train() refuses larger batches
+        on_node = collections.defaultdict(list)
+        for k, node in enumerate(self.nodes):
+            on_node[node].append(k)
+        here = ray.get_runtime_context().get_node_id()
+        self.channel = NodeChannel(size, max_batch, on_node.pop(here, []))
+        secret = secrets.token_bytes(node_channel.SECRET_BYTES)
+        hosts = []  # (its workers, their indices), one per relay
+        for node, workers in on_node.items():
+            indices = np.concatenate([self.shards[k] for k in workers])
+            placed = NodeAffinitySchedulingStrategy(node_id=node, soft=False)
+            self.relays.append(HostRelay.options(num_cpus=0, scheduling_strategy=placed)
+                               .remote(size, max_batch, workers, indices, secret))  # fmt: skip
+            hosts.append((workers, indices))
+        try:
+            endpoints = ray.get([relay.endpoints.remote() for relay in self.relays])
+        except ray.exceptions.RayError as error:  # a relay could not make its channel
+            raise ChannelUnavailable(first_line(error)) from None
+        # each actor meets its node's channel: the driver's, or the relay's
+        channel = self.channel
+        meetings = [(channel.shared.path, channel.address, list(channel.connections))]
+        for (path, address, _), (workers, _) in zip(endpoints, hosts, strict=True):
+            meetings.append((path, address, workers))
+        for path, address, workers in meetings:
+            self.serving += [self.workers[k].serve.remote(address, path, max_batch, k)
+                             for k in workers]  # fmt: skip
+        self.serving += [relay.serve.remote() for relay in self.relays]
+        # an actor's (or a relay's) serve() ends early only when it cannot serve, or died
+        channel.accept(CONNECT_TIMEOUT_S, failed=self.serving_ended)
+        for (_, _, endpoint), (workers, indices) in zip(endpoints, hosts, strict=True):
+            link = HostLink(endpoint, secret, indices, len(workers), CONNECT_TIMEOUT_S,
+                            failed=self.serving_ended)  # fmt: skip
+            channel.add_host(link)
+        self.transport = "shared memory and tcp" if self.relays else "shared memory"
+
     def serving_ended(self) -> bool:
-        """Whether an actor's serve() has ended while the channel waits for it: True when it
-        could not serve; WorkerLost when its actor died."""
+        """Whether an actor's or a relay's serve() has ended while the channel waits for it:
+        True when it could not serve; WorkerLost when its actor died."""
         ended, _ = ray.wait(self.serving, timeout=0)
         for serving in ended:
             try:
                 ray.get(serving)
             except ray.exceptions.RayActorError:
-                raise WorkerLost(self.serving.index(serving)) from None
+                raise WorkerLost("an actor serving the steps") from None
             except ray.exceptions.RayError:
                 pass
         return bool(ended)
@@ -360,7 +431,7 @@ class ShardedGradient:
                 pass  # a graph that lost an actor may have torn itself down already
             self.graph = None
         if self.channel is not None:
-            self.channel.close()
+            self.channel.close()  # the relays' serving ends too, and so their actors'
             self.channel = None
         if self.serving and wait_s > 0:
             ended, _ = ray.wait(self.serving, num_returns=len(self.serving), timeout=wait_s)
@@ -370,6 +441,9 @@ class ShardedGradient:
                 except ray.exceptions.RayError:
                     pass  # its actor died: answers() will say
         self.serving = []
+        for relay in self.relays:  # made anew at each connection, on the nodes of that time
+            ray.kill(relay)
+        self.relays = []
 
     def close(self) -> None:
         self.disconnect_workers()

@@ -1,17 +1,25 @@
-"""A step between the driver and the worker actors on its own node: the data in shared
-memory, a Unix socket per actor for "go" and "done".
+"""A step between the driver and the worker actors: the data in shared memory on each
+node, a Unix socket per actor for "go" and "done", and one TCP connection per other node.
 
 The driver writes the parameters and the batch's indices once per step into a file in
-/dev/shm that every actor on the node maps (one copy per node, however many actors), and
+/dev/shm that every actor on its node maps (one copy per node, however many actors), and
 each actor writes its slice straight into the gradient there, at its shard's indices. The
 sockets carry a few bytes each way, and tell the driver at once when an actor's process is
 gone (the connection ends). A Ray Compiled Graph moves the same data through channels of its
 own, at about 1.4 ms per step on these 2-core machines, where this takes about 0.1-0.3 ms
-(measured by `distnum bench --workers`); it stays for actors on other nodes.
+(measured by `distnum bench --workers`).
+
+Each other node has a relay (an actor of no CPU) that does the driver's part there: the
+driver sends it the step once over TCP (the parameters, the batch, its rows of the loss
+batch), and it answers with its actors' slices and losses. So the bytes crossing the network
+per step are one copy of the parameters in and the node's own slice out, whatever the
+number of actors on the node.
 """
 
 from __future__ import annotations
 
+import hmac
+import itertools
 import mmap
 import os
 import secrets
@@ -20,6 +28,7 @@ import socket
 import struct
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -31,13 +40,20 @@ GO = struct.Struct("<qqqq")
 DONE = struct.Struct("<Bdq")  # actor -> driver: failed?, seconds computing, message bytes
 HELLO = struct.Struct("<q")  # actor -> driver on connecting: its worker number
 HELLO_TIMEOUT_S = 10.0
+# driver -> relay: whether to compute the gradient, the batch's size, the relay's loss rows,
+# the wait limit; then the parameters, the batch and the loss rows, int64 and float64
+REQUEST = struct.Struct("<qqqd")
+READY = b"R"  # relay -> driver, once every actor of its node is connected
+SECRET_BYTES = 32
 
 
 class WorkerLost(RuntimeError):
-    """An actor's connection ended: its process is gone."""
+    """An actor's connection ended (its process is gone), or a relay's (an actor of its
+    node is gone, or the relay or its node)."""
 
-    def __init__(self, worker: int) -> None:
-        super().__init__(f"worker actor {worker}'s connection ended")
+    def __init__(self, who: int | str) -> None:
+        name = f"worker actor {who}" if isinstance(who, int) else who
+        super().__init__(f"{name}'s connection ended")
 
 
 class ChannelUnavailable(RuntimeError):
@@ -97,26 +113,28 @@ def bytes_for(size: int, max_batch: int) -> int:
 
 
 class NodeChannel:
-    """The driver's end: the shared file, and one connection per worker actor."""
+    """The driver's end on its node (or a relay's on its own): the shared file, one
+    connection per worker actor of the node, and one per relay of another node."""
 
-    def __init__(self, size: int, max_batch: int, num_workers: int) -> None:
+    def __init__(self, size: int, max_batch: int, workers: Sequence[int]) -> None:
         self.shared = SharedStep.create(size, max_batch)
-        self.connections: list[socket.socket | None] = [None] * num_workers
+        self.connections: dict[int, socket.socket | None] = dict.fromkeys(workers)
+        self.hosts: list[HostLink] = []
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         # an abstract address: no file to leave behind, in this network namespace only
         self.address = f"\0distnum-{os.getpid()}-{secrets.token_hex(8)}"
         try:
             self.listener.bind(self.address)
-            self.listener.listen(num_workers + 16)  # room for strangers, turned away
+            self.listener.listen(len(self.connections) + 16)  # room for strangers, turned away
         except OSError as error:
             self.close()
             raise ChannelUnavailable(f"cannot listen on a Unix socket: {error}") from None
 
-    def accept(self, expected: set[int], timeout_s: float, failed) -> None:
-        """Wait for the actors numbered in expected to connect; ChannelUnavailable when
-        failed() says one cannot (its serving ended), TimeoutError after timeout_s."""
+    def accept(self, timeout_s: float, failed: Callable[[], bool]) -> None:
+        """Wait for the node's actors to connect; ChannelUnavailable when failed() says one
+        cannot (its serving ended), TimeoutError after timeout_s."""
         deadline = time.monotonic() + timeout_s
-        waiting = set(expected)
+        waiting = set(self.connections)
         self.listener.settimeout(0.2)
         while waiting:
             try:
@@ -162,60 +180,71 @@ class NodeChannel:
         spent computing (its losses included), and the per-sample losses at flat of
         loss_batch's indices, if given (each actor its share of the rows). Raises
         WorkerLost, WorkerRaised, or TimeoutError after limit_s."""
-        longest = self.run(flat, batch, loss_batch, sleep_s, limit_s)
+        self.shared.params[:] = flat
+        longest = self.run(batch, loss_batch, sleep_s, limit_s)
         losses = None if loss_batch is None else self.shared.losses[: loss_batch.size].copy()
         return self.shared.gradient.copy(), longest, losses
 
     def losses(self, flat: np.ndarray, loss_batch: np.ndarray, limit_s: float) -> np.ndarray:
         """The per-sample losses (B,) at flat of loss_batch's indices alone."""
-        self.run(flat, None, loss_batch, 0.0, limit_s)
+        self.shared.params[:] = flat
+        self.run(None, loss_batch, 0.0, limit_s)
         return self.shared.losses[: loss_batch.size].copy()
 
-    def run(self, flat: np.ndarray, batch: np.ndarray | None, loss_batch: np.ndarray | None,
-            sleep_s: float, limit_s: float) -> float:  # fmt: skip
+    def run(self, batch: np.ndarray | None, loss_batch: np.ndarray | None, sleep_s: float,
+            limit_s: float) -> float:  # fmt: skip
+        """One request with the parameters in place: every actor of the node and every
+        relay at once, the loss batch's rows split in proportion to their actors."""
         batch = np.empty(0, np.int64) if batch is None else batch
         loss_batch = np.empty(0, np.int64) if loss_batch is None else loss_batch
         if max(batch.size, loss_batch.size) > self.shared.max_batch:
             raise ValueError(f"a batch of {max(batch.size, loss_batch.size)} samples; at most "
                              f"{self.shared.max_batch} (the training set's size)")  # fmt: skip
-        self.shared.params[:] = flat
         self.shared.batch[: batch.size] = batch
         self.shared.loss_batch[: loss_batch.size] = loss_batch
-        rows = np.linspace(0, loss_batch.size, len(self.connections) + 1).astype(np.int64)
-        for worker, connection in enumerate(self.connections):
+        actors = [1] * len(self.connections) + [host.actors for host in self.hosts]
+        bounds = np.rint(np.cumsum([0, *actors]) * (loss_batch.size / sum(actors)))
+        spans = list(itertools.pairwise(bounds.astype(np.int64)))
+        local_spans, host_spans = spans[: len(self.connections)], spans[len(self.connections) :]
+        for (worker, connection), (first, stop) in zip(self.connections.items(), local_spans,
+                                                        strict=True):  # fmt: skip
             try:
-                connection.sendall(GO.pack(batch.size > 0, batch.size, rows[worker],
-                                           rows[worker + 1]))  # fmt: skip
+                connection.sendall(GO.pack(batch.size > 0, batch.size, first, stop))
             except OSError:
                 raise WorkerLost(worker) from None
+        for host, (first, stop) in zip(self.hosts, host_spans, strict=True):
+            host.send(self.shared.params, batch, loss_batch[first:stop], limit_s)
         started = time.monotonic()
         time.sleep(sleep_s)  # the actors compute; waking early only costs a CPU they need
         poller = select.poll()  # not select(): it fails on descriptors past 1023
-        pending = {}
-        for worker, connection in enumerate(self.connections):
+        pending: dict[int, int | tuple[HostLink, int, int]] = {}
+        for worker, connection in self.connections.items():
             poller.register(connection, select.POLLIN)
             pending[connection.fileno()] = worker
+        for host, (first, stop) in zip(self.hosts, host_spans, strict=True):
+            poller.register(host.connection, select.POLLIN)
+            pending[host.connection.fileno()] = (host, first, stop)
         longest = 0.0
         while pending:
             left_ms = 1000 * (limit_s - (time.monotonic() - started))
             ready = poller.poll(max(left_ms, 0.0))
             if not ready:
-                raise TimeoutError(f"no answer from worker actors {sorted(pending.values())} "
+                raise TimeoutError(f"no answer from {len(pending)} worker actors or relays "
                                    f"in {limit_s:.0f} s")  # fmt: skip
             for descriptor, _ in ready:
-                worker = pending.pop(descriptor)
+                member = pending.pop(descriptor)
                 poller.unregister(descriptor)
-                try:
-                    failed, seconds, length = DONE.unpack(
-                        receive(self.connections[worker], DONE.size)
-                    )
-                    message = receive(self.connections[worker], length).decode()
-                except (OSError, EOFError):
-                    raise WorkerLost(worker) from None
-                if failed:
-                    raise WorkerRaised(message)
+                if isinstance(member, tuple):
+                    host, first, stop = member
+                    seconds = host.receive(self.shared.gradient, batch.size > 0,
+                                           self.shared.losses[first:stop])  # fmt: skip
+                else:
+                    seconds = done(self.connections[member], member)
                 longest = max(longest, seconds)
         return longest
+
+    def add_host(self, host: HostLink) -> None:
+        self.hosts.append(host)
 
     def drop(self, worker: int) -> None:
         """Forget worker's connection (its actor is being replaced, or the run ends)."""
@@ -224,12 +253,149 @@ class NodeChannel:
             connection.close()
 
     def close(self) -> None:
-        """Every connection closed (each actor's serving ends with its own), the file too."""
-        for worker in range(len(self.connections)):
+        """Every connection closed (each actor's serving ends with its own, each relay's
+        too), the file too."""
+        for worker in self.connections:
             self.drop(worker)
+        for host in self.hosts:
+            host.connection.close()
+        self.hosts = []
         self.listener.close()
         self.shared.close()
         self.shared.unlink()
+
+
+def done(connection: socket.socket, who: int | str) -> float:
+    """The seconds computing that an answer gives; WorkerRaised with the message of one
+    that failed, WorkerLost when the connection ended."""
+    try:
+        failed, seconds, length = DONE.unpack(receive(connection, DONE.size))
+        message = receive(connection, length).decode()
+    except (OSError, EOFError):
+        raise WorkerLost(who) from None
+    if failed:
+        raise WorkerRaised(message)
+    return seconds
+
+
+class HostLink:
+    """The driver's end of the TCP connection to a relay on another node: each step the
+    parameters go once to all that node's actors, and its slice of the gradient comes back
+    (its actors' indices, in that order)."""
+
+    def __init__(self, endpoint: tuple[str, int], secret: bytes, indices: np.ndarray,
+                 actors: int, timeout_s: float, failed: Callable[[], bool]) -> None:  # fmt: skip
+        """Connect, and wait until the relay says its node's actors are connected:
+        ChannelUnavailable when failed() says one cannot, TimeoutError after timeout_s."""
+        self.name = f"the relay at {endpoint[0]}:{endpoint[1]}"
+        self.indices, self.actors = indices, actors
+        self.bytes_sent = self.bytes_received = 0  # for `distnum bench`
+        try:
+            self.connection = socket.create_connection(endpoint, timeout=timeout_s)
+        except OSError as error:
+            raise ChannelUnavailable(f"cannot reach {self.name}: {error}") from None
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            self.connection.sendall(secret)
+            deadline = time.monotonic() + timeout_s
+            self.connection.settimeout(0.2)
+            while True:
+                try:
+                    if receive(self.connection, 1) == READY:
+                        break
+                except TimeoutError:
+                    pass
+                if failed():
+                    raise ChannelUnavailable(f"an actor on {self.name}'s node cannot serve")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{self.name} was not ready in {timeout_s:.0f} s")
+            self.connection.settimeout(None)
+        except (OSError, EOFError) as error:
+            self.connection.close()
+            raise WorkerLost(self.name) from error
+        except BaseException:
+            self.connection.close()
+            raise
+
+    def send(self, params: np.ndarray, batch: np.ndarray, rows: np.ndarray,
+             limit_s: float) -> None:  # fmt: skip
+        header = REQUEST.pack(batch.size > 0, batch.size, rows.size, limit_s)
+        parts = [header, params, batch.astype(np.int64), rows.astype(np.int64)]
+        try:
+            for part in parts:
+                self.connection.sendall(part)
+        except OSError:
+            raise WorkerLost(self.name) from None
+        self.bytes_sent += sum(memoryview(part).nbytes for part in parts)
+
+    def receive(self, gradient: np.ndarray, wanted: bool, losses: np.ndarray) -> float:
+        """The relay's answer: its slice into gradient at its indices (if wanted), its rows'
+        losses into losses; the longest time one of its actors spent computing."""
+        seconds = done(self.connection, self.name)
+        try:
+            if wanted:
+                gradient[self.indices] = receive_array(self.connection, self.indices.size)
+            losses[:] = receive_array(self.connection, losses.size)
+        except (OSError, EOFError):
+            raise WorkerLost(self.name) from None
+        self.bytes_received += DONE.size + 8 * ((self.indices.size if wanted else 0) + losses.size)
+        return seconds
+
+
+def receive_array(connection: socket.socket, count: int, dtype=np.float64) -> np.ndarray:
+    array = np.empty(count, dtype)
+    view, got = memoryview(array).cast("B"), 0
+    while got < view.nbytes:
+        chunk = connection.recv_into(view[got:])
+        if not chunk:
+            raise EOFError("the connection ended")
+        got += chunk
+    return array
+
+
+def relay(listener: socket.socket, secret: bytes, channel: NodeChannel, indices: np.ndarray,
+          timeout_s: float) -> None:  # fmt: skip
+    """A relay's loop on its node, once channel's actors are connected: the driver's
+    connection accepted (only with the secret), then each request run on the node's actors
+    and answered with their slice at indices and their losses, until the driver closes the
+    connection. An actor lost ends the loop, and so the driver's connection: the driver
+    replaces what died and connects again."""
+    listener.settimeout(timeout_s)
+    while True:
+        connection, _ = listener.accept()  # TimeoutError: no driver came
+        connection.settimeout(HELLO_TIMEOUT_S)
+        try:
+            if hmac.compare_digest(receive(connection, SECRET_BYTES), secret):
+                break
+        except (OSError, EOFError):
+            pass
+        connection.close()  # a stranger
+    listener.close()
+    connection.settimeout(None)
+    connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    shared = channel.shared
+    try:
+        connection.sendall(READY)
+        while True:
+            wanted, batch_size, rows, limit_s = REQUEST.unpack(receive(connection, REQUEST.size))
+            shared.params[:] = receive_array(connection, shared.size)
+            batch = receive_array(connection, batch_size, np.int64)
+            loss_rows = receive_array(connection, rows, np.int64)
+            try:
+                seconds = channel.run(batch if wanted else None, loss_rows, 0.0, limit_s)
+            except WorkerRaised as error:
+                message = str(error).encode()
+                connection.sendall(DONE.pack(1, 0.0, len(message)) + message)
+                continue
+            answer = [DONE.pack(0, seconds, 0)]
+            if wanted:
+                answer.append(shared.gradient[indices].tobytes())
+            answer.append(shared.losses[:rows].tobytes())
+            connection.sendall(b"".join(answer))
+    except (EOFError, OSError, WorkerLost, TimeoutError):
+        return  # the driver closed the connection, or an actor here is lost: it will see
+    finally:
+        connection.close()
 
 
 def receive(connection: socket.socket, count: int) -> bytes:

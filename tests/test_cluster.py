@@ -110,8 +110,8 @@ def test_driver_outside_the_cluster(cluster, mnist_dir, tmp_path):
     assert run.returncode == 0, run.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert len(summary["actors_per_node"]) == 2 and math.isfinite(summary["final_loss"])
-    # actors on two nodes: steps through a compiled graph, and the bits of one process
-    assert summary["transport"] == "compiled graph"
+    # actors on two nodes: the other's steps through its relay, and the bits of one process
+    assert summary["transport"] == "shared memory and tcp"
     alone = train(iters=60, local=True, data_dir=str(mnist_dir), out=str(tmp_path / "alone"),
                   quiet=True)  # fmt: skip
     assert summary["params_sha256"] == alone["params_sha256"]

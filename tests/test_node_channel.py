@@ -1,5 +1,6 @@
-"""The node channel on its own: real shared memory and real Unix sockets, the actors' end
-run in threads (Ray's actors run it in their processes in the other tests)."""
+"""The node channel on its own: real shared memory, real Unix sockets and a real TCP
+connection to a relay, the actors' end and the relay's run in threads (Ray's actors run
+them in their processes in the other tests)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 from distnum import node_channel
-from distnum.node_channel import NodeChannel, WorkerRaised
+from distnum.node_channel import HostLink, NodeChannel, WorkerLost, WorkerRaised
 
 SIZE, MAX_BATCH = 10, 8
 SHARDS = [np.array([0, 2, 4, 6, 8]), np.array([9, 7, 5, 3, 1])]
@@ -32,32 +33,30 @@ def losses(step):
     return rows * 0.5 + flat[0]
 
 
+def start_actors(channel: NodeChannel, shards: dict[int, np.ndarray]) -> list[threading.Thread]:
+    """An actor's serving, in a thread, for each worker number and its shard."""
+    actors = []
+    for k, shard in shards.items():
+        args = (channel.address, channel.shared.path, SIZE, MAX_BATCH, k, shard,
+                gradient_slice(shard), losses)  # fmt: skip
+        actors.append(threading.Thread(target=node_channel.serve, args=args))
+        actors[-1].start()
+    return actors
+
+
+def joined(threads: list[threading.Thread]) -> bool:
+    for thread in threads:
+        thread.join(timeout=10)
+    return not any(thread.is_alive() for thread in threads)
+
+
 @pytest.fixture
 def channel():
-    channel = NodeChannel(SIZE, MAX_BATCH, len(SHARDS))
-    workers = [
-        threading.Thread(
-            target=node_channel.serve,
-            args=(
-                channel.address,
-                channel.shared.path,
-                SIZE,
-                MAX_BATCH,
-                k,
-                shard,
-                gradient_slice(shard),
-                losses,
-            ),
-        )  # fmt: skip
-        for k, shard in enumerate(SHARDS)
-    ]
-    for worker in workers:
-        worker.start()
+    channel = NodeChannel(SIZE, MAX_BATCH, range(len(SHARDS)))
+    workers = start_actors(channel, dict(enumerate(SHARDS)))
     yield channel, workers
     channel.close()
-    for worker in workers:
-        worker.join(timeout=10)
-        assert not worker.is_alive()  # serving ends with the connection
+    assert joined(workers)  # serving ends with the connection
 
 
 def test_steps_and_losses_through_shared_memory(channel, monkeypatch):
@@ -69,7 +68,7 @@ def test_steps_and_losses_through_shared_memory(channel, monkeypatch):
     stranger = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     stranger.connect(channel.address)
     stranger.sendall(node_channel.HELLO.pack(7))
-    channel.accept({0, 1}, timeout_s=30, failed=lambda: False)
+    channel.accept(timeout_s=30, failed=lambda: False)
     assert not Path(channel.shared.path).exists()  # mapped by all: its name is gone
     flat = np.arange(SIZE, dtype=np.float64)
     previous = None
@@ -87,16 +86,74 @@ def test_steps_and_losses_through_shared_memory(channel, monkeypatch):
 
 def test_a_workers_exception_comes_back_as_one_line(channel):
     channel, _ = channel
-    channel.accept({0, 1}, timeout_s=30, failed=lambda: False)
+    channel.accept(timeout_s=30, failed=lambda: False)
     with pytest.raises(WorkerRaised, match=r"^ArithmeticError: a negative sample$"):
         channel.gradient(np.zeros(SIZE), np.array([-1]), None, 0.0, 10)
 
 
 def test_accept_gives_up_when_an_actor_cannot_serve():
-    channel = NodeChannel(SIZE, MAX_BATCH, 1)
+    channel = NodeChannel(SIZE, MAX_BATCH, [0])
     try:
         with pytest.raises(node_channel.ChannelUnavailable):
-            channel.accept({0}, timeout_s=30, failed=lambda: True)
+            channel.accept(timeout_s=30, failed=lambda: True)
     finally:
         channel.close()
     assert not Path(channel.shared.path).exists()
+
+
+@pytest.fixture
+def relayed():
+    """The driver's channel with actor 0 on its node, and a relay for actor 1 on "another
+    node" (its own channel, reached over TCP on 127.0.0.1)."""
+    driver = NodeChannel(SIZE, MAX_BATCH, [0])
+    here = start_actors(driver, {0: SHARDS[0]})
+    there = NodeChannel(SIZE, MAX_BATCH, [1])
+    remote = start_actors(there, {1: SHARDS[1]})
+    listener = socket.create_server(("127.0.0.1", 0))
+    secret = b"s" * node_channel.SECRET_BYTES
+    relay = threading.Thread(target=node_channel.relay,
+                             args=(listener, secret, there, SHARDS[1], 30))  # fmt: skip
+    there.accept(timeout_s=30, failed=lambda: False)
+    relay.start()
+    driver.accept(timeout_s=30, failed=lambda: False)
+    endpoint = listener.getsockname()[:2]
+    yield driver, there, endpoint, secret, relay
+    driver.close()
+    assert joined([relay])  # the relay ends with the driver's connection...
+    there.close()  # (as HostRelay.serve closes its channel then)
+    assert joined(here + remote)  # ...and its actors with its channel
+
+
+def test_a_relay_brings_its_nodes_slice_and_losses(relayed):
+    driver, there, endpoint, secret, _ = relayed
+    # a stranger without the secret is turned away, and the driver connects after it
+    stranger = socket.create_connection(endpoint)
+    stranger.sendall(b"x" * node_channel.SECRET_BYTES)
+    assert stranger.recv(1) == b""
+    driver.add_host(HostLink(endpoint, secret, SHARDS[1], 1, 30, failed=lambda: False))
+    flat = np.arange(SIZE, dtype=np.float64)
+    previous = None
+    for batch in (np.array([1, 2]), np.array([3, 0, 1, 2, 4, 5, 6]), np.array([7])):
+        grad, seconds, losses = driver.gradient(flat, batch, previous, 0.0, 10)
+        assert np.array_equal(grad, flat * batch.sum()) and 0.001 <= seconds < 1
+        assert (
+            losses is None if previous is None else np.array_equal(losses, previous * 0.5 + flat[0])
+        )
+        assert np.array_equal(driver.losses(flat, batch, 10), batch * 0.5 + flat[0])
+        previous = batch
+        flat = flat + 1  # new parameters reach the relay each step
+    link = driver.hosts[0]
+    # each step: one header and the parameters in, the node's slice and losses out
+    assert link.bytes_sent > 3 * 8 * SIZE and link.bytes_received > 3 * 8 * SHARDS[1].size
+    with pytest.raises(WorkerRaised, match=r"^ArithmeticError: a negative sample$"):
+        driver.gradient(flat, np.array([-1]), None, 0.0, 10)
+
+
+def test_an_actor_lost_behind_a_relay_ends_the_relays_connection(relayed):
+    driver, there, endpoint, secret, relay = relayed
+    driver.add_host(HostLink(endpoint, secret, SHARDS[1], 1, 30, failed=lambda: False))
+    # the remote actor's connection ends, as when its process dies
+    there.connections[1].shutdown(socket.SHUT_RDWR)
+    with pytest.raises(WorkerLost, match="relay at 127.0.0.1"):
+        driver.gradient(np.zeros(SIZE), np.array([1]), None, 0.0, 10)
+    assert joined([relay])
