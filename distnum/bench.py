@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from distnum.engines import FastEngine, FullEngine
+from distnum.engines import EngineFactory, FastEngine, FullEngine
 from distnum.engines.base import one_blas_thread
 from distnum.models import TwoLayerNet
 from distnum.vecmath import exp_array, log_array
@@ -134,14 +134,27 @@ def format_engine_rows(rows: list[dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+class IdleEngine:
+    """An engine that computes nothing (a zero slice at once): what a step costs beyond the
+    workers' compute, for the cost model."""
+
+    def __init__(self, layout: object, indices: np.ndarray) -> None:
+        self.size = len(indices)
+
+    def __call__(self, flat: np.ndarray, x: np.ndarray, labels: np.ndarray, h: float) -> np.ndarray:
+        return np.zeros(self.size)
+
+
 def bench_workers(
     x_train: np.ndarray, t_train: np.ndarray, worker_counts: list[int], steps: int,
     hidden: int, seed: int, h: float, batch_size: int = 100, lr: float = 0.1,
+    engine: str | EngineFactory = "fast", nodes: list[str] | None = None,
 ) -> list[dict[str, float]]:  # fmt: skip
     """Training steps (gradient over Ray with the previous step's loss, SGD update) with
-    each number of worker actors, on the Ray this process is connected to. Overhead: a
-    step's time minus the longest time a worker spent computing its slice (Ray calls,
-    transfers, gathering, the update)."""
+    each number of worker actors, on the Ray this process is connected to, spread by Ray or
+    placed on nodes (see ShardedGradient). Overhead: a step's time minus the longest time a
+    worker spent computing its slice (Ray calls, transfers, gathering, the update); bytes:
+    what the driver sent to and received from each other host per step, on average."""
     from distnum.distributed import ShardedGradient
 
     net = TwoLayerNet(x_train.shape[1], hidden, 10, seed=seed)
@@ -149,7 +162,7 @@ def bench_workers(
     for count in worker_counts:
         rng = np.random.default_rng(seed)
         flat = net.flat_params.copy()
-        gradient = ShardedGradient(net.layout, "fast", h, x_train, t_train, count)
+        gradient = ShardedGradient(net.layout, engine, h, x_train, t_train, count, nodes=nodes)
         transport = gradient.transport
         step_s, compute_s = [], []
         try:
@@ -164,17 +177,28 @@ def bench_workers(
                 if step >= 5:
                     step_s.append(time.perf_counter() - started)
                     compute_s.append(computing)
+            hosts = gradient.channel.hosts if gradient.channel is not None else []
+            sent = [host.bytes_sent / (steps + 5) for host in hosts]
+            received = [host.bytes_received / (steps + 5) for host in hosts]
+            nodes_used = len(gradient.actors_per_node)
+            training_set_bytes = gradient.training_set_bytes
         finally:
             gradient.close()
         step_s, compute_s = np.array(step_s), np.array(compute_s)
         rows.append({
             "workers": count,
+            "hidden": hidden,
+            "params": net.layout.size,
             "steps": steps,
             "steps_per_s": float(1 / np.median(step_s)),
             "median_step_s": float(np.median(step_s)),
             "median_compute_s": float(np.median(compute_s)),
             "median_overhead_s": float(np.median(step_s - compute_s)),
             "transport": transport,
+            "nodes": nodes_used,
+            "bytes_to_each_host": float(np.mean(sent)) if sent else 0.0,
+            "bytes_from_each_host": float(np.mean(received)) if received else 0.0,
+            "training_set_bytes_per_node": training_set_bytes,
         })  # fmt: skip
     for row in rows:
         row["speedup"] = row["steps_per_s"] / rows[0]["steps_per_s"]
@@ -184,17 +208,21 @@ def bench_workers(
 def format_worker_rows(rows: list[dict[str, float]]) -> str:
     lines = [
         f"{'workers':>7} {'steps/s':>8} {'speedup':>8} {'step ms':>8} {'compute ms':>11} "
-        f"{'overhead ms':>12}  transport"
+        f"{'overhead ms':>12} {'nodes':>5} {'KB to/from each other host':>27}  transport"
     ]
     for r in rows:
+        traffic = (f"{r['bytes_to_each_host'] / 1e3:.1f} / {r['bytes_from_each_host'] / 1e3:.1f}"
+                   if r["nodes"] > 1 else "-")  # fmt: skip
         lines.append(
             f"{r['workers']:>7} {r['steps_per_s']:>8.1f} {r['speedup']:>8.2f} "
             f"{r['median_step_s'] * 1e3:>8.2f} {r['median_compute_s'] * 1e3:>11.2f} "
-            f"{r['median_overhead_s'] * 1e3:>12.2f}  {r['transport']}"
+            f"{r['median_overhead_s'] * 1e3:>12.2f} {r['nodes']:>5} {traffic:>27}  "
+            f"{r['transport']}"
         )
     lines.append(
         "medians over the timed steps; compute: the slowest worker's own time (its slice, and "
         "its rows of the previous step's loss); overhead: "
-        "the rest of the step (Ray calls, transfers, gathering, the update)."
+        "the rest of the step (Ray calls, transfers, gathering, the update). The training set "
+        f"went to each node once: {rows[0]['training_set_bytes_per_node'] / 1e6:.0f} MB."
     )
     return "\n".join(lines)

@@ -7,8 +7,12 @@ import json
 import os
 import sys
 import traceback
+from typing import TYPE_CHECKING
 
 from distnum.stopping import StopRequests
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -130,6 +134,8 @@ def run_bench(args: argparse.Namespace) -> int:
     from distnum.bench import bench_engines, bench_workers, format_engine_rows, format_worker_rows
 
     x, labels, x_train, t_train = real_batch(args)
+    if args.model:
+        return run_model(args, x_train, t_train)
     report = {
         "engines": [
             bench_engines(x, labels, hidden, args.seed, args.h, args.full_sample, args.repeat)
@@ -161,6 +167,30 @@ def run_bench(args: argparse.Namespace) -> int:
             f"hidden {args.hidden}, batch {args.batch_size}):"
         )
         print(format_worker_rows(report["workers"]))
+    return 0
+
+
+def run_model(args: argparse.Namespace, x_train: np.ndarray, t_train: np.ndarray) -> int:
+    """distnum bench --model: the cost model measured, its predictions, and their plot."""
+    from distnum.cost_model import OVERHEAD_WORKERS, format_model, measure, plot_model
+    from distnum.distributed import connect, disconnect
+    from distnum.plot import save_figure
+
+    owns_ray = connect(args.address)
+    try:
+        models = [measure(x_train, t_train, hidden, args.seed, args.h, args.steps, args.batch_size,
+                          args.workers or OVERHEAD_WORKERS)
+                  for hidden in args.hidden_sizes or [50, 200, 1000]]  # fmt: skip
+    finally:
+        disconnect(owns_ray)
+    path = save_figure(plot_model(models), args.plot)
+    if args.json:
+        print(json.dumps({"model": models, "plot": str(path)}, indent=2))
+        return 0
+    print(f"bench --model: {args.steps} timed steps per point, batch {args.batch_size}, "
+          f"{os.cpu_count()} CPUs")  # fmt: skip
+    print(format_model(models))
+    print(f"plot: {path}")
     return 0
 
 
@@ -318,6 +348,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--steps", type=positive_int, default=200, help="timed training steps per worker count"
     )
     bench.add_argument("--address", help="Ray cluster for --workers (default: this machine)")
+    bench.add_argument("--model", action="store_true",
+                       help="measure the cost model of a step and plot it: --hidden-sizes "
+                       "(default 50 200 1000), --workers (default 1 2 4 8 16; 1, 2 and the "
+                       "cores always), --steps per point")  # fmt: skip
+    bench.add_argument("--plot", default="cost_model.png", metavar="FILE",
+                       help="where --model writes its plot")  # fmt: skip
     bench.add_argument("--json", action="store_true", help="machine-readable output")
     bench.set_defaults(run=run_bench)
     plot = commands.add_parser("plot", help="loss and accuracy curves of a run, as a PNG",

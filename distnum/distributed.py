@@ -199,7 +199,10 @@ class ShardedGradient:
     def __init__(
         self, layout: ParamLayout, engine: str | EngineFactory, h: float, x_train: np.ndarray,
         t_train: np.ndarray, num_workers: int, max_restarts: int = 3,
+        nodes: list[str] | None = None,
     ) -> None:  # fmt: skip
+        """nodes: the Ray node ids to place the actors on, worker k on nodes[k % len(nodes)]
+        (`distnum bench --model` measures one node and several); default: spread by Ray."""
         density = np.count_nonzero(x_train, axis=0) / len(x_train)
         self.shards = make_shards(layout, density, num_workers)
         self.shard_indices = np.concatenate(self.shards)  # where each gathered value belongs
@@ -208,8 +211,18 @@ class ShardedGradient:
         self.training_set_bytes = x_train.nbytes if codes is None else codes.codes.nbytes
         self.actor_args = (engine, layout, h, ray.put(shipped), ray.put(t_train))
         # more workers than CPUs share them, rather than wait for CPUs that never come
-        cpus = ray.cluster_resources().get("CPU", 1.0)
-        self.cpus_per_worker = min(1.0, cpus / num_workers)
+        node_cpus = {node["NodeID"]: node["Resources"].get("CPU", 0.0) for node in ray.nodes()}
+        if nodes:
+            chosen = [nodes[k % len(nodes)] for k in range(num_workers)]
+            counts = collections.Counter(chosen)
+            self.placements = [
+                {"num_cpus": min(1.0, node_cpus.get(node, 1.0) / counts[node]),
+                 "scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=False)}
+                for node in chosen
+            ]  # fmt: skip
+        else:
+            cpus = min(1.0, ray.cluster_resources().get("CPU", 1.0) / num_workers)
+            self.placements = [{"num_cpus": cpus, "scheduling_strategy": "SPREAD"}] * num_workers
         self.num_workers, self.max_restarts, self.restarts = num_workers, max_restarts, 0
         self.layout, self.x_train, self.t_train = layout, x_train, t_train
         self.graph = None
@@ -221,17 +234,18 @@ class ShardedGradient:
         self.expected_compute_s = self.slowest_compute_s = 0.0
         self.patience = 1  # grows when a step outlasts the wait limit with every actor alive
         try:
-            self.workers = [self.new_worker(shard) for shard in self.shards]
+            self.workers = [self.new_worker(k) for k in range(num_workers)]
             self.wait_ready()
             self.connect_workers()
         except BaseException:  # leave no actor behind in a Ray the caller keeps
             self.close()
             raise
 
-    def new_worker(self, shard: np.ndarray) -> ray.actor.ActorHandle:
+    def new_worker(self, k: int) -> ray.actor.ActorHandle:
         engine, layout, h, x_ref, t_ref = self.actor_args
-        options = {"num_cpus": self.cpus_per_worker, "scheduling_strategy": "SPREAD"}
-        return GradientWorker.options(**options).remote(engine, layout, shard, h, x_ref, t_ref)
+        return GradientWorker.options(**self.placements[k]).remote(
+            engine, layout, self.shards[k], h, x_ref, t_ref
+        )
 
     def wait_ready(self) -> None:
         """Wait until every actor has its kernels loaded; count the actors on each node."""
@@ -396,7 +410,7 @@ class ShardedGradient:
                 self.patience *= 4
             for k in dead:
                 ray.kill(self.workers[k])
-                self.workers[k] = self.new_worker(self.shards[k])
+                self.workers[k] = self.new_worker(k)
             self.wait_ready()
             try:
                 self.connect_workers()

@@ -18,7 +18,15 @@ import pytest
 from idx_files import fake_split, idx_bytes, write_fake_mnist
 
 import distnum.data
-from distnum.data import DATASETS, DataError, Dataset, download, load_mnist, locate
+from distnum.data import (
+    DATASETS,
+    DataError,
+    Dataset,
+    ImageCodes,
+    download,
+    load_mnist,
+    locate,
+)
 
 TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
@@ -55,6 +63,24 @@ def test_real_mnist_one_hot_unnormalized_unflattened(mnist_dir, monkeypatch):
 
 
 # --- where the files come from -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_the_training_set_ships_as_uint8_codes_and_reads_back_the_same_bits(mnist_dir, normalize):
+    (x_train, _), _ = load_mnist(normalize=normalize, data_dir=mnist_dir)
+    codes = ImageCodes.of(x_train)
+    assert codes.codes.dtype == np.uint8 and codes.codes.nbytes * 8 == x_train.nbytes
+    rows = np.random.default_rng(0).choice(len(x_train), 100)
+    for picked in (rows, slice(0, 2), slice(59_990, None)):
+        assert codes[picked].dtype == np.float64
+        assert codes[picked].tobytes() == x_train[picked].tobytes()
+
+
+def test_a_training_set_of_other_values_is_shipped_as_it_is():
+    pixels = np.random.default_rng(0).integers(0, 256, (5, 4)) / 255.0
+    assert ImageCodes.of(pixels) is not None
+    for other in (pixels + 1e-12, pixels * -1.0, pixels.astype(np.float32), pixels[:, :, None]):
+        assert ImageCodes.of(other) is None
 
 
 def test_uncompressed_and_gzip_read_the_same(tmp_path):

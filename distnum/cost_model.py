@@ -1,0 +1,226 @@
+"""What a training step costs on N worker actors, measured and predicted (`distnum bench
+--model`):
+
+    T(N) = C / N * max(1, N / cores) * s  +  o(N, P, bandwidth)
+
+- C: one worker's compute for the whole gradient of a batch (its slice and its rows of the
+  previous step's loss), measured with the fast engine and 1 actor;
+- s: how much slower each of `cores` processes computes when all compute at once (shared
+  caches, memory bandwidth, hyperthreads), measured with the engine in plain processes;
+  1 for one actor. More actors than cores share them: the max(1, N / cores);
+- o: the rest of the step, measured with an engine that computes nothing (IdleEngine), for
+  N actors on the driver's node, and on 2 hosts when the cluster has a second node.
+
+Across H hosts of c cores each (hosts like this machine), the driver sends each other host
+one copy of the parameters (8P bytes) and receives its slice (8P / H), one host after the
+other through its own link of bandwidth B:
+
+    T_H = C * s / (H * c) + o(c) + (H - 1) * (d + (8P + 8P / H) / B)
+
+where d is what one more host adds to a step beyond its bytes, measured as o on 2 hosts
+minus o on one node, with one actor each.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import multiprocessing
+import os
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from distnum.bench import IdleEngine, bench_workers
+from distnum.engines import FastEngine
+from distnum.models import TwoLayerNet
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+OVERHEAD_WORKERS = [1, 2, 4, 8, 16]  # o measured
+CHECKED_UP_TO = 8  # up to so many actors, steps measured with the fast engine too
+SLOWDOWN_SECONDS = 2.0  # each engine process's run, alone and all together
+HOST_COUNTS = [1, 2, 4, 8, 16, 32, 64]
+BANDWIDTHS = {"10 Gbit/s": 10e9 / 8, "25 Gbit/s": 25e9 / 8}  # bytes per second
+
+
+def gradient_seconds(x: np.ndarray, labels: np.ndarray, hidden: int, seed: int, h: float,
+                     duration_s: float) -> list[float]:  # fmt: skip
+    """Seconds of each whole fast gradient computed in duration_s (in a process of its own)."""
+    net = TwoLayerNet(x.shape[1], hidden, 10, seed=seed)
+    engine = FastEngine(net.layout, np.arange(net.layout.size))
+    engine(net.flat_params, x, labels, h)  # compiled, or loaded from numba's cache
+    times: list[float] = []
+    end = time.perf_counter() + duration_s
+    while time.perf_counter() < end or len(times) < 3:
+        started = time.perf_counter()
+        engine(net.flat_params, x, labels, h)
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def parallel_slowdown(x: np.ndarray, labels: np.ndarray, hidden: int, seed: int, h: float,
+                      processes: int, duration_s: float) -> float:  # fmt: skip
+    """s: a fast gradient's median time with `processes` processes computing at once, over
+    its time alone."""
+    context = multiprocessing.get_context("spawn")
+    medians = []
+    for count in (1, processes):
+        with concurrent.futures.ProcessPoolExecutor(count, mp_context=context) as pool:
+            runs = [pool.submit(gradient_seconds, x, labels, hidden, seed, h, duration_s)
+                    for _ in range(count)]  # fmt: skip
+            # the middle of each run, when all were computing: not their starts and ends
+            times = np.concatenate([np.array(run.result())[1:-1] for run in runs])
+        medians.append(float(np.median(times)))
+    return medians[1] / medians[0]
+
+
+def measure(x_train: np.ndarray, t_train: np.ndarray, hidden: int, seed: int, h: float,
+            steps: int, batch_size: int = 100,
+            workers: list[int] = OVERHEAD_WORKERS) -> dict:  # fmt: skip
+    """The model's inputs for one hidden size, and the steps it predicts for each number of
+    workers (1 and the machine's cores among them), measured on the Ray this process is
+    connected to: on the driver's node, and on it and one other node when the cluster has
+    one (then 2 among the workers too)."""
+    import ray
+
+    here = ray.get_runtime_context().get_node_id()
+    others = [node["NodeID"] for node in ray.nodes() if node["Alive"]
+              and node["NodeID"] != here and node["Resources"].get("CPU")]  # fmt: skip
+    cores = os.cpu_count() or 1
+    workers = sorted(set(workers) | {1, cores})
+    common = {"steps": steps, "hidden": hidden, "seed": seed, "h": h, "batch_size": batch_size}
+    checked_workers = [n for n in workers if n <= CHECKED_UP_TO]
+    checked = bench_workers(x_train, t_train, checked_workers, nodes=[here], **common)
+    idle = bench_workers(x_train, t_train, workers, engine=IdleEngine, nodes=[here], **common)
+    batch = np.random.default_rng(seed).choice(len(x_train), batch_size)
+    report = {
+        "hidden": hidden,
+        "params": checked[0]["params"],
+        "cores": cores,
+        "compute_s": checked[0]["median_compute_s"],
+        "slowdown": parallel_slowdown(
+            x_train[batch], t_train[batch], hidden, seed, h, cores, SLOWDOWN_SECONDS
+        ),  # fmt: skip
+        "overhead_s": {r["workers"]: r["median_overhead_s"] for r in idle},
+        "measured_steps_per_s": {r["workers"]: r["steps_per_s"] for r in checked},
+    }
+    if others:
+        workers = sorted(set(workers) | {2})
+        two = bench_workers(x_train, t_train, [n for n in workers if n > 1], engine=IdleEngine,
+                            nodes=[here, others[0]], **common)  # fmt: skip
+        report["two_host_overhead_s"] = {r["workers"]: r["median_overhead_s"] for r in two}
+        report["bytes_to_each_host"] = {r["workers"]: r["bytes_to_each_host"] for r in two}
+        report["bytes_from_each_host"] = {r["workers"]: r["bytes_from_each_host"] for r in two}
+        report["host_delay_s"] = report["two_host_overhead_s"][2] - report["overhead_s"][2]
+    report["predicted_steps_per_s"] = {n: 1 / step_seconds(report, n) for n in report["overhead_s"]}
+    report["prediction_error"] = {
+        n: report["predicted_steps_per_s"][n] / measured - 1
+        for n, measured in report["measured_steps_per_s"].items()
+    }
+    if "host_delay_s" in report and cores in report["overhead_s"]:
+        report["predicted_speedup"] = {
+            name: {hosts: speedup(report, hosts, bandwidth) for hosts in HOST_COUNTS}
+            for name, bandwidth in BANDWIDTHS.items()
+        }
+    return report
+
+
+def step_seconds(model: dict, workers: int) -> float:
+    """T(N) on one node."""
+    cores = model["cores"]
+    contention = model["slowdown"] if workers > 1 else 1.0
+    compute = model["compute_s"] / workers * max(1.0, workers / cores) * contention
+    return compute + model["overhead_s"][workers]
+
+
+def host_step_seconds(model: dict, hosts: int, bandwidth: float) -> float:
+    """T_H: hosts of `cores` cores each, one actor per core, the driver's link at bandwidth
+    bytes per second."""
+    cores, params_bytes = model["cores"], 8 * model["params"]
+    contention = model["slowdown"] if hosts * cores > 1 else 1.0
+    compute = model["compute_s"] * contention / (hosts * cores)
+    per_host = model["host_delay_s"] + (params_bytes + params_bytes / hosts) / bandwidth
+    return compute + model["overhead_s"][cores] + (hosts - 1) * per_host
+
+
+def speedup(model: dict, hosts: int, bandwidth: float) -> float:
+    return host_step_seconds(model, 1, bandwidth) / host_step_seconds(model, hosts, bandwidth)
+
+
+def format_model(models: list[dict]) -> str:
+    workers, checked = list(models[0]["overhead_s"]), list(models[0]["measured_steps_per_s"])
+    lines = ["the cost model, T(N) = C/N * max(1, N/cores) * s + o(N):",
+             f"{'hidden':>6} {'params':>8} {'C ms':>7} {'s':>5}  "
+             + "  ".join(f"{f'o({n}) ms':>8}" for n in workers)]  # fmt: skip
+    for m in models:
+        lines.append(f"{m['hidden']:>6} {m['params']:>8} {m['compute_s'] * 1e3:>7.2f} "
+                     f"{m['slowdown']:>5.2f}  "
+                     + "  ".join(f"{m['overhead_s'][n] * 1e3:>8.2f}" for n in workers))  # fmt: skip
+    lines.append(f"\nsteps/s on one node ({models[0]['cores']} cores), predicted / measured:")
+    lines.append(f"{'hidden':>6}  " + "  ".join(f"{f'N={n}':>20}" for n in checked))
+    for m in models:
+        cells = [f"{m['predicted_steps_per_s'][n]:.1f} / {m['measured_steps_per_s'][n]:.1f} "
+                 f"({m['prediction_error'][n]:+.0%})" for n in checked]  # fmt: skip
+        lines.append(f"{m['hidden']:>6}  " + "  ".join(f"{cell:>20}" for cell in cells))
+    if "host_delay_s" not in models[0]:
+        lines.append("\n(no second node in this cluster: no figures across hosts; see "
+                     "cluster/local_cluster.py start --netns)")  # fmt: skip
+        return "\n".join(lines)
+    spread = list(models[0]["two_host_overhead_s"])
+    lines.append("\n2 hosts, an idle engine: o(N) ms; d ms; KB per step to / from the other host")
+    lines.append(f"{'hidden':>6}  " + "  ".join(f"{f'o({n})':>7}" for n in spread)
+                 + f"  {'d':>6}  " + "  ".join(f"{f'N={n}':>15}" for n in spread))  # fmt: skip
+    for m in models:
+        to, back = m["bytes_to_each_host"], m["bytes_from_each_host"]
+        traffic = [f"{to[n] / 1e3:.1f} / {back[n] / 1e3:.1f}" for n in spread]
+        lines.append(f"{m['hidden']:>6}  "
+                     + "  ".join(f"{m['two_host_overhead_s'][n] * 1e3:>7.2f}" for n in spread)
+                     + f"  {m['host_delay_s'] * 1e3:>6.2f}  "
+                     + "  ".join(f"{cell:>15}" for cell in traffic))  # fmt: skip
+    if "predicted_speedup" in models[0]:
+        lines.append(f"\npredicted speedup on H hosts of {models[0]['cores']} cores each:")
+        lines.append(f"{'hidden':>6} {'link':>10}  "
+                     + " ".join(f"{f'H={n}':>6}" for n in HOST_COUNTS))  # fmt: skip
+        for m in models:
+            for name, by_hosts in m["predicted_speedup"].items():
+                lines.append(f"{m['hidden']:>6} {name:>10}  "
+                             + " ".join(f"{by_hosts[n]:>6.1f}" for n in HOST_COUNTS))  # fmt: skip
+    return "\n".join(lines)
+
+
+def plot_model(models: list[dict]) -> Figure:
+    """Predicted (lines) and measured (points) steps/s against actors on one node; and the
+    predicted speedup against hosts, when measured across hosts."""
+    import matplotlib.pyplot as plt
+
+    figure, (steps_axes, hosts_axes) = plt.subplots(1, 2, figsize=(12, 4.5))
+    plt.close(figure)  # the caller owns it (see plot.plot_run)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for m, color in zip(models, colors, strict=False):
+        predicted, measured = m["predicted_steps_per_s"], m["measured_steps_per_s"]
+        steps_axes.plot(list(predicted), list(predicted.values()), color=color,
+                        label=f"hidden {m['hidden']}: predicted")  # fmt: skip
+        steps_axes.plot(list(measured), list(measured.values()), "o", color=color,
+                        label=f"hidden {m['hidden']}: measured")  # fmt: skip
+        for (name, by_hosts), style in zip(m.get("predicted_speedup", {}).items(), ("--", "-"),
+                                           strict=False):  # fmt: skip
+            hosts_axes.plot(HOST_COUNTS, [by_hosts[n] for n in HOST_COUNTS], style, color=color,
+                            label=f"hidden {m['hidden']}, {name}")  # fmt: skip
+    workers = list(models[0]["overhead_s"])
+    steps_axes.set(xscale="log", yscale="log", xlabel="worker actors on one node",
+                   ylabel="steps/s", title=f"one node of {models[0]['cores']} cores")  # fmt: skip
+    steps_axes.set_xticks(workers, [str(n) for n in workers])
+    steps_axes.legend(fontsize=7)
+    if "predicted_speedup" in models[0]:
+        hosts_axes.set(xscale="log", xlabel="hosts", ylabel="speedup over one host",
+                       title=f"predicted, hosts of {models[0]['cores']} cores")  # fmt: skip
+        hosts_axes.set_xticks(HOST_COUNTS, [str(n) for n in HOST_COUNTS])
+        hosts_axes.legend(fontsize=7)
+    else:
+        hosts_axes.set_axis_off()
+        hosts_axes.text(0.5, 0.5, "no second node measured", ha="center")
+    figure.suptitle("distnum bench --model: T(N) = C/N * max(1, N/cores) * s + o(N, P, B)")
+    figure.tight_layout()
+    return figure

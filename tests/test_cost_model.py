@@ -1,0 +1,58 @@
+"""The cost model of a step (`distnum bench --model`): its formula, and a run of it on this
+machine's Ray (across hosts: tests/test_cluster.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from distnum import cost_model
+from distnum.cli import run
+
+
+def a_model(**changes) -> dict:
+    model = {
+        "params": 1000, "cores": 2, "compute_s": 0.010, "slowdown": 1.2, "host_delay_s": 0.001,
+        "overhead_s": {1: 0.0003, 2: 0.0004, 4: 0.0008, 8: 0.002},
+    }  # fmt: skip
+    return {**model, **changes}
+
+
+def test_the_model_shares_the_compute_among_the_cores_and_adds_the_overhead():
+    model = a_model()
+    assert cost_model.step_seconds(model, 1) == pytest.approx(0.010 + 0.0003)
+    assert cost_model.step_seconds(model, 2) == pytest.approx(0.010 / 2 * 1.2 + 0.0004)
+    # more actors than cores: each computes less, but on a share of a core
+    assert cost_model.step_seconds(model, 8) == pytest.approx(0.010 / 2 * 1.2 + 0.002)
+
+
+def test_more_hosts_pay_until_the_drivers_link_carries_the_parameters_to_each():
+    model = a_model()
+    bandwidth = 1e9
+    one = 0.010 * 1.2 / 2 + 0.0004
+    four = 0.010 * 1.2 / 8 + 0.0004 + 3 * (0.001 + (8000 + 8000 / 4) / bandwidth)
+    assert cost_model.host_step_seconds(model, 1, bandwidth) == pytest.approx(one)
+    assert cost_model.speedup(model, 4, bandwidth) == pytest.approx(one / four)
+    big = a_model(params=10**8)  # 800 MB a copy: no host is worth adding
+    assert cost_model.speedup(big, 2, bandwidth) < 1
+
+
+def test_bench_model_on_this_machine_prints_and_plots(mnist_dir, ray_session, tmp_path, capsys,
+                                                      monkeypatch):  # fmt: skip
+    monkeypatch.setattr(cost_model, "SLOWDOWN_SECONDS", 0.3)
+    png = tmp_path / "model.png"
+    status = run(["bench", "--model", "--data-dir", str(mnist_dir), "--hidden-sizes", "10",
+                   "--workers", "1", "3", "--steps", "4", "--plot", str(png),
+                   "--json"])  # fmt: skip
+    assert status == 0
+    (model,) = json.loads(capsys.readouterr().out)["model"]
+    assert model["hidden"] == 10 and model["params"] == 784 * 10 + 10 + 10 * 10 + 10
+    assert list(model["overhead_s"]) == ["1", "2", "3"]  # 1 and the 2 cores always
+    assert list(model["measured_steps_per_s"]) == ["1", "2", "3"]
+    assert 0 < model["compute_s"] and 0.5 < model["slowdown"] < 4
+    for n, predicted in model["predicted_steps_per_s"].items():
+        measured = model["measured_steps_per_s"][n]
+        assert model["prediction_error"][n] == pytest.approx(predicted / measured - 1)
+    assert "two_host_overhead_s" not in model  # one node only
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
