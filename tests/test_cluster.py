@@ -117,6 +117,30 @@ def test_driver_outside_the_cluster(cluster, mnist_dir, tmp_path):
     assert summary["params_sha256"] == alone["params_sha256"]
 
 
+def test_each_other_host_gets_one_copy_of_the_parameters_per_step(cluster, mnist_dir, tmp_path):
+    """`distnum bench --model` across the two nodes: the bytes sent to the other node per
+    step are one copy of the parameters, with 1 actor there or 2."""
+    run = subprocess.run(
+        [sys.executable, "-m", "distnum", "bench", "--model", "--address", cluster["address"],
+         "--data-dir", str(mnist_dir), "--hidden-sizes", "10", "--workers", "4", "--steps", "3",
+         "--plot", str(tmp_path / "model.png"), "--json"],
+        env={**os.environ, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    (model,) = json.loads(run.stdout)["model"]
+    params_bytes = 8 * model["params"]
+    to_host = model["bytes_to_each_host"]
+    assert set(to_host) == {"2", "4"}  # 1 and 2 actors on the other node
+    assert to_host["2"] == to_host["4"]  # (the same batch and loss rows each step)
+    assert params_bytes < to_host["2"] < params_bytes + 8 * 2 * 100 + 64
+    # back: the other node's slice, about half the gradient, and its losses
+    for n in ("2", "4"):
+        assert 0.3 * params_bytes < model["bytes_from_each_host"][n] < 0.7 * params_bytes
+    assert model["host_delay_s"] == model["two_host_overhead_s"]["2"] - model["overhead_s"]["2"]
+    assert set(model["predicted_speedup"]) == {"10 Gbit/s", "25 Gbit/s"}
+
+
 def train_command(command_line: str):
     """The parsed `distnum train` arguments of a command line that runs it."""
     words = shlex.split(command_line)
