@@ -381,7 +381,10 @@ class ShardedGradient:
                 self.close()  # the other actors' answers are left unread: no request after
                 raise worker_failed(error) from None
             except (ray.exceptions.RayError, WorkerLost, TimeoutError) as error:
-                failure = error  # an actor died, or no answer in time
+                # an actor died, or no answer in time; without the frames, which hold views
+                # of the shared memory that the channel's closing must unmap
+                failure = error.with_traceback(None)
+                failure.__context__ = None
             self.recover(failure)
 
     def run_graph(self, flat: np.ndarray, batch: np.ndarray, sleep_s: float,
@@ -404,7 +407,8 @@ class ShardedGradient:
         while True:
             self.disconnect_workers(wait_s=60)
             dead = [k for k, worker in enumerate(self.workers) if not self.answers(worker)]
-            if dead or reconnecting:
+            # a connection that ended is a process lost (an actor, or a relay: made anew)
+            if dead or reconnecting or isinstance(error, WorkerLost):
                 self.count_restart(error)
             else:
                 self.patience *= 4

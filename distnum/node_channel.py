@@ -104,8 +104,12 @@ class SharedStep:
             pass  # unlinked already
 
     def close(self) -> None:
-        del self.params, self.gradient, self.batch, self.loss_batch, self.losses  # views go first
-        self.map.close()
+        for view in ("params", "gradient", "batch", "loss_batch", "losses"):  # views go first
+            self.__dict__.pop(view, None)
+        try:
+            self.map.close()
+        except BufferError:  # a view still held (by a traceback, say): unmapped with it
+            pass
 
 
 def bytes_for(size: int, max_batch: int) -> int:

@@ -9,6 +9,7 @@ import math
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from run_helpers import TINY, reference_sha, start_train, summary_of, wait_until
 
 from distnum.cli import build_parser
 from distnum.training import train
@@ -139,6 +141,30 @@ def test_each_other_host_gets_one_copy_of_the_parameters_per_step(cluster, mnist
         assert 0.3 * params_bytes < model["bytes_from_each_host"][n] < 0.7 * params_bytes
     assert model["host_delay_s"] == model["two_host_overhead_s"]["2"] - model["overhead_s"]["2"]
     assert set(model["predicted_speedup"]) == {"10 Gbit/s", "25 Gbit/s"}
+
+
+@pytest.mark.parametrize("victim", ["GradientWorker", "HostRelay"])
+def test_an_actor_or_the_relay_killed_on_the_other_node(cluster, victim, tiny_mnist, tmp_path):
+    """SIGKILL to the other node's worker actor, or to its relay: the run replaces what died
+    and ends with the bits of a run without faults."""
+    out = tmp_path / "run"
+    run = start_train("--address", cluster["address"], "--iters", "300", "--workers", "2",
+                      "--quiet", "--data-dir", str(tiny_mnist), "--out", str(out), *TINY,
+                      env={**os.environ, "RAY_AUTH_MODE": "token"})  # fmt: skip
+    metrics = out / "metrics.jsonl"
+    wait_until(lambda: metrics.exists() and metrics.read_text().count("test_acc") >= 3, 180, run)
+    port = int(cluster["address"].rpartition(":")[2])
+    processes = local_cluster.cluster_processes(cluster["session"], port)
+    (relay,) = [p for p in processes if any("HostRelay" in part for part in p.cmdline())]
+    if victim == "GradientWorker":  # the relay's neighbour: on the same node, under its raylet
+        (relay,) = [p for p in relay.parent().children()
+                    if any("GradientWorker" in part for part in p.cmdline())]  # fmt: skip
+    relay.send_signal(signal.SIGKILL)
+    _, stderr = run.communicate(timeout=300)
+    assert run.returncode == 0, stderr
+    summary = summary_of(out)
+    assert summary["worker_restarts"] >= 1 and summary["transport"] == "shared memory and tcp"
+    assert summary["params_sha256"] == reference_sha(tiny_mnist, tmp_path, 300)
 
 
 def train_command(command_line: str):
