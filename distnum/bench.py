@@ -151,13 +151,15 @@ def bench_workers(
     engine: str | EngineFactory = "fast", nodes: list[str] | None = None,
 ) -> list[dict[str, float]]:  # fmt: skip
     """Training steps (gradient over Ray with the previous step's loss, SGD update) with
-    each number of worker actors, on the Ray this process is connected to, spread by Ray or
-    placed on nodes (see ShardedGradient). Overhead: a step's time minus the longest time a
-    worker spent computing its slice (Ray calls, transfers, gathering, the update); bytes:
-    what the driver sent to and received from each other host per step, on average."""
-    from distnum.distributed import ShardedGradient
+    each number of worker actors, on the Ray this process is connected to, worker k on
+    nodes[k % len(nodes)] (default: the cluster's nodes with CPUs, the driver's first).
+    Overhead: a step's time minus the longest time a worker spent computing its slice (Ray
+    calls, transfers, gathering, the update); bytes: what the driver sent to and received
+    from each other host per step, on average."""
+    from distnum.distributed import ShardedGradient, cluster_nodes
 
     net = TwoLayerNet(x_train.shape[1], hidden, 10, seed=seed)
+    nodes = nodes or cluster_nodes()
     rows = []
     for count in worker_counts:
         rng = np.random.default_rng(seed)

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from distnum.bench import IdleEngine, bench_workers
+from distnum.distributed import cluster_nodes
 from distnum.engines import FastEngine
 from distnum.models import TwoLayerNet
 
@@ -83,11 +84,7 @@ def measure(x_train: np.ndarray, t_train: np.ndarray, hidden: int, seed: int, h:
     workers (1 and the machine's cores among them), measured on the Ray this process is
     connected to: on the driver's node, and on it and one other node when the cluster has
     one (then 2 among the workers too)."""
-    import ray
-
-    here = ray.get_runtime_context().get_node_id()
-    others = [node["NodeID"] for node in ray.nodes() if node["Alive"]
-              and node["NodeID"] != here and node["Resources"].get("CPU")]  # fmt: skip
+    here, *others = cluster_nodes()
     cores = os.cpu_count() or 1
     workers = sorted(set(workers) | {1, cores})
     common = {"steps": steps, "hidden": hidden, "seed": seed, "h": h, "batch_size": batch_size}

@@ -13,6 +13,7 @@ node of the cluster (Ray Client) steps through a Ray Compiled Graph instead.
 from __future__ import annotations
 
 import collections
+import itertools
 import os
 import re
 import secrets
@@ -154,10 +155,10 @@ class GradientWorker:
         flat, rows = step
         return sample_losses(self.layout, flat, self.x_train, self.t_train, rows)
 
-    def serve(self, address: str, path: str, max_batch: int, worker: int) -> None:
+    def serve(self, address: str, path: str, max_batch: int, worker: int, place: slice) -> None:
         """Steps from its node's NodeChannel (the driver's, or a relay's), until it closes
-        the connection."""
-        node_channel.serve(address, path, self.layout.size, max_batch, worker, self.indices,
+        the connection; its slice goes to place among the slices of all shards."""
+        node_channel.serve(address, path, self.layout.size, max_batch, worker, place,
                            self.gradient_slice, self.per_sample_losses)  # fmt: skip
 
 
@@ -166,11 +167,12 @@ class HostRelay:
     """The driver's part on a node it does not run on: a NodeChannel for the node's worker
     actors, and a TCP port for the driver, which sends each step here once."""
 
-    def __init__(self, size: int, max_batch: int, workers: list[int], indices: np.ndarray,
+    def __init__(self, size: int, max_batch: int, workers: list[int], places: list[slice],
                  secret: bytes) -> None:  # fmt: skip
+        """workers: the numbers of the node's actors, places: where their slices go."""
         self.channel = NodeChannel(size, max_batch, workers)
         self.listener = socket.create_server((ray.util.get_node_ip_address(), 0))
-        self.indices, self.secret = indices, secret
+        self.places, self.secret = places, secret
 
     def endpoints(self) -> tuple[str, str, tuple[str, int]]:
         """The shared file and the Unix address, for the node's actors; the TCP address."""
@@ -180,7 +182,7 @@ class HostRelay:
         """Relays the steps, until the driver closes its connection or an actor is lost."""
         try:
             self.channel.accept(CONNECT_TIMEOUT_S, failed=lambda: False)
-            node_channel.relay(self.listener, self.secret, self.channel, self.indices,
+            node_channel.relay(self.listener, self.secret, self.channel, self.places,
                                CONNECT_TIMEOUT_S)  # fmt: skip
         finally:
             self.listener.close()
@@ -206,6 +208,8 @@ class ShardedGradient:
         density = np.count_nonzero(x_train, axis=0) / len(x_train)
         self.shards = make_shards(layout, density, num_workers)
         self.shard_indices = np.concatenate(self.shards)  # where each gathered value belongs
+        bounds = np.cumsum([0, *map(len, self.shards)])
+        self.places = [slice(lo, hi) for lo, hi in itertools.pairwise(bounds)]  # in the slices
         codes = ImageCodes.of(x_train)
         shipped = x_train if codes is None else codes
         self.training_set_bytes = x_train.nbytes if codes is None else codes.codes.nbytes
@@ -279,15 +283,15 @@ class ShardedGradient:
         for k, node in enumerate(self.nodes):
             on_node[node].append(k)
         here = ray.get_runtime_context().get_node_id()
-        self.channel = NodeChannel(size, max_batch, on_node.pop(here, []))
+        self.channel = NodeChannel(size, max_batch, on_node.pop(here, []), self.shard_indices)
         secret = secrets.token_bytes(node_channel.SECRET_BYTES)
-        hosts = []  # (its workers, their indices), one per relay
+        hosts = []  # (its workers, where their slices go), one per relay
         for node, workers in on_node.items():
-            indices = np.concatenate([self.shards[k] for k in workers])
+            places = [self.places[k] for k in workers]
             placed = NodeAffinitySchedulingStrategy(node_id=node, soft=False)
             self.relays.append(HostRelay.options(num_cpus=0, scheduling_strategy=placed)
-                               .remote(size, max_batch, workers, indices, secret))  # fmt: skip
-            hosts.append((workers, indices))
+                               .remote(size, max_batch, workers, places, secret))  # fmt: skip
+            hosts.append((workers, places))
         try:
             endpoints = ray.get([relay.endpoints.remote() for relay in self.relays])
         except ray.exceptions.RayError as error:  # a relay could not make its channel
@@ -298,15 +302,16 @@ class ShardedGradient:
         for (path, address, _), (workers, _) in zip(endpoints, hosts, strict=True):
             meetings.append((path, address, workers))
         for path, address, workers in meetings:
-            self.serving += [self.workers[k].serve.remote(address, path, max_batch, k)
-                             for k in workers]  # fmt: skip
+            for k in workers:
+                self.serving.append(
+                    self.workers[k].serve.remote(address, path, max_batch, k, self.places[k])
+                )
         self.serving += [relay.serve.remote() for relay in self.relays]
         # an actor's (or a relay's) serve() ends early only when it cannot serve, or died
         channel.accept(CONNECT_TIMEOUT_S, failed=self.serving_ended)
-        for (_, _, endpoint), (workers, indices) in zip(endpoints, hosts, strict=True):
-            link = HostLink(endpoint, secret, indices, len(workers), CONNECT_TIMEOUT_S,
-                            failed=self.serving_ended)  # fmt: skip
-            channel.add_host(link)
+        for (_, _, endpoint), (_, places) in zip(endpoints, hosts, strict=True):
+            channel.add_host(HostLink(endpoint, secret, places, CONNECT_TIMEOUT_S,
+                                      failed=self.serving_ended))  # fmt: skip
         self.transport = "shared memory and tcp" if self.relays else "shared memory"
 
     def serving_ended(self) -> bool:
@@ -484,6 +489,14 @@ def worker_failed(error: ray.exceptions.RayTaskError | WorkerRaised) -> WorkerFa
         return WorkerFailed(f"a worker actor raised {error}")
     cause = error.cause if isinstance(error.cause, BaseException) else error
     return WorkerFailed(f"a worker actor raised {type(cause).__name__}: {first_line(cause)}")
+
+
+def cluster_nodes() -> list[str]:
+    """The ids of the cluster's live nodes with CPUs, the driver's first."""
+    here = ray.get_runtime_context().get_node_id()
+    others = [node["NodeID"] for node in ray.nodes() if node["Alive"]
+              and node["NodeID"] != here and node["Resources"].get("CPU")]  # fmt: skip
+    return [here, *others]
 
 
 def default_workers() -> int:

@@ -3,7 +3,7 @@ node, a Unix socket per actor for "go" and "done", and one TCP connection per ot
 
 The driver writes the parameters and the batch's indices once per step into a file in
 /dev/shm that every actor on its node maps (one copy per node, however many actors), and
-each actor writes its slice straight into the gradient there, at its shard's indices. The
+each actor copies its slice there, at its place among the slices in worker order. The
 sockets carry a few bytes each way, and tell the driver at once when an actor's process is
 gone (the connection ends). A Ray Compiled Graph moves the same data through channels of its
 own, at about 1.4 ms per step on these 2-core machines, where this takes about 0.1-0.3 ms
@@ -69,7 +69,8 @@ def available() -> bool:
 
 
 class SharedStep:
-    """The mapped file: parameters (size,) float64, gradient (size,) float64, batch
+    """The mapped file: parameters (size,) float64, the slices (size,) float64 (worker 0's
+    shard, worker 1's, ...: the gradient in shard order), batch
     (max_batch,) int64, loss batch (max_batch,) int64 and its per-sample losses (max_batch,)
     float64, in that order."""
 
@@ -78,7 +79,7 @@ class SharedStep:
         with open(path, "r+b") as file:
             self.map = mmap.mmap(file.fileno(), bytes_for(size, max_batch))
         self.params = np.frombuffer(self.map, np.float64, size, 0)
-        self.gradient = np.frombuffer(self.map, np.float64, size, 8 * size)
+        self.slices = np.frombuffer(self.map, np.float64, size, 8 * size)
         self.batch = np.frombuffer(self.map, np.int64, max_batch, 16 * size)
         self.loss_batch = np.frombuffer(self.map, np.int64, max_batch, 8 * (2 * size + max_batch))
         self.losses = np.frombuffer(self.map, np.float64, max_batch,
@@ -104,7 +105,7 @@ class SharedStep:
             pass  # unlinked already
 
     def close(self) -> None:
-        for view in ("params", "gradient", "batch", "loss_batch", "losses"):  # views go first
+        for view in ("params", "slices", "batch", "loss_batch", "losses"):  # views go first
             self.__dict__.pop(view, None)
         try:
             self.map.close()
@@ -120,8 +121,12 @@ class NodeChannel:
     """The driver's end on its node (or a relay's on its own): the shared file, one
     connection per worker actor of the node, and one per relay of another node."""
 
-    def __init__(self, size: int, max_batch: int, workers: Sequence[int]) -> None:
+    def __init__(self, size: int, max_batch: int, workers: Sequence[int],
+                 order: np.ndarray | None = None) -> None:  # fmt: skip
+        """workers: the numbers of the node's actors; order: where each value of the slices
+        belongs in the gradient (the shards concatenated), for gradient()."""
         self.shared = SharedStep.create(size, max_batch)
+        self.order = order
         self.connections: dict[int, socket.socket | None] = dict.fromkeys(workers)
         self.hosts: list[HostLink] = []
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -187,7 +192,9 @@ class NodeChannel:
         self.shared.params[:] = flat
         longest = self.run(batch, loss_batch, sleep_s, limit_s)
         losses = None if loss_batch is None else self.shared.losses[: loss_batch.size].copy()
-        return self.shared.gradient.copy(), longest, losses
+        grad = np.empty_like(flat)
+        grad[self.order] = self.shared.slices  # one pass puts every slice in its place
+        return grad, longest, losses
 
     def losses(self, flat: np.ndarray, loss_batch: np.ndarray, limit_s: float) -> np.ndarray:
         """The per-sample losses (B,) at flat of loss_batch's indices alone."""
@@ -240,7 +247,7 @@ class NodeChannel:
                 poller.unregister(descriptor)
                 if isinstance(member, tuple):
                     host, first, stop = member
-                    seconds = host.receive(self.shared.gradient, batch.size > 0,
+                    seconds = host.receive(self.shared.slices, batch.size > 0,
                                            self.shared.losses[first:stop])  # fmt: skip
                 else:
                     seconds = done(self.connections[member], member)
@@ -284,15 +291,16 @@ def done(connection: socket.socket, who: int | str) -> float:
 
 class HostLink:
     """The driver's end of the TCP connection to a relay on another node: each step the
-    parameters go once to all that node's actors, and its slice of the gradient comes back
-    (its actors' indices, in that order)."""
+    parameters go once to all that node's actors, and their slices come back, each straight
+    into its place (a range of the slices in shard order)."""
 
-    def __init__(self, endpoint: tuple[str, int], secret: bytes, indices: np.ndarray,
-                 actors: int, timeout_s: float, failed: Callable[[], bool]) -> None:  # fmt: skip
-        """Connect, and wait until the relay says its node's actors are connected:
-        ChannelUnavailable when failed() says one cannot, TimeoutError after timeout_s."""
+    def __init__(self, endpoint: tuple[str, int], secret: bytes, ranges: list[slice],
+                 timeout_s: float, failed: Callable[[], bool]) -> None:  # fmt: skip
+        """Connect, and wait until the relay says its node's actors (one per range) are
+        connected: ChannelUnavailable when failed() says one cannot, TimeoutError after
+        timeout_s."""
         self.name = f"the relay at {endpoint[0]}:{endpoint[1]}"
-        self.indices, self.actors = indices, actors
+        self.ranges, self.actors = ranges, len(ranges)
         self.bytes_sent = self.bytes_received = 0  # for `distnum bench`
         try:
             self.connection = socket.create_connection(endpoint, timeout=timeout_s)
@@ -332,22 +340,22 @@ class HostLink:
             raise WorkerLost(self.name) from None
         self.bytes_sent += sum(memoryview(part).nbytes for part in parts)
 
-    def receive(self, gradient: np.ndarray, wanted: bool, losses: np.ndarray) -> float:
-        """The relay's answer: its slice into gradient at its indices (if wanted), its rows'
-        losses into losses; the longest time one of its actors spent computing."""
+    def receive(self, slices: np.ndarray, wanted: bool, losses: np.ndarray) -> float:
+        """The relay's answer: its actors' slices into their ranges of slices (if wanted),
+        its rows' losses into losses; the longest time one of its actors spent computing."""
         seconds = done(self.connection, self.name)
+        parts = [slices[r] for r in self.ranges] if wanted else []
         try:
-            if wanted:
-                gradient[self.indices] = receive_array(self.connection, self.indices.size)
-            losses[:] = receive_array(self.connection, losses.size)
+            for part in [*parts, losses]:
+                receive_into(self.connection, part)
         except (OSError, EOFError):
             raise WorkerLost(self.name) from None
-        self.bytes_received += DONE.size + 8 * ((self.indices.size if wanted else 0) + losses.size)
+        self.bytes_received += DONE.size + sum(part.nbytes for part in [*parts, losses])
         return seconds
 
 
-def receive_array(connection: socket.socket, count: int, dtype=np.float64) -> np.ndarray:
-    array = np.empty(count, dtype)
+def receive_into(connection: socket.socket, array: np.ndarray) -> np.ndarray:
+    """array (contiguous) filled from the connection, with no copy."""
     view, got = memoryview(array).cast("B"), 0
     while got < view.nbytes:
         chunk = connection.recv_into(view[got:])
@@ -357,11 +365,12 @@ def receive_array(connection: socket.socket, count: int, dtype=np.float64) -> np
     return array
 
 
-def relay(listener: socket.socket, secret: bytes, channel: NodeChannel, indices: np.ndarray,
+def relay(listener: socket.socket, secret: bytes, channel: NodeChannel, ranges: list[slice],
           timeout_s: float) -> None:  # fmt: skip
     """A relay's loop on its node, once channel's actors are connected: the driver's
     connection accepted (only with the secret), then each request run on the node's actors
-    and answered with their slice at indices and their losses, until the driver closes the
+    and answered with their slices (their ranges of the slices in shard order, in the order
+    of ranges) and their losses, until the driver closes the
     connection. An actor lost ends the loop, and so the driver's connection: the driver
     replaces what died and connects again."""
     listener.settimeout(timeout_s)
@@ -382,20 +391,19 @@ def relay(listener: socket.socket, secret: bytes, channel: NodeChannel, indices:
         connection.sendall(READY)
         while True:
             wanted, batch_size, rows, limit_s = REQUEST.unpack(receive(connection, REQUEST.size))
-            shared.params[:] = receive_array(connection, shared.size)
-            batch = receive_array(connection, batch_size, np.int64)
-            loss_rows = receive_array(connection, rows, np.int64)
+            receive_into(connection, shared.params)
+            batch = receive_into(connection, np.empty(batch_size, np.int64))
+            loss_rows = receive_into(connection, np.empty(rows, np.int64))
             try:
                 seconds = channel.run(batch if wanted else None, loss_rows, 0.0, limit_s)
             except WorkerRaised as error:
                 message = str(error).encode()
                 connection.sendall(DONE.pack(1, 0.0, len(message)) + message)
                 continue
-            answer = [DONE.pack(0, seconds, 0)]
-            if wanted:
-                answer.append(shared.gradient[indices].tobytes())
-            answer.append(shared.losses[:rows].tobytes())
-            connection.sendall(b"".join(answer))
+            connection.sendall(DONE.pack(0, seconds, 0))
+            for part in [shared.slices[r] for r in ranges] if wanted else []:
+                connection.sendall(part)
+            connection.sendall(shared.losses[:rows])
     except (EOFError, OSError, WorkerLost, TimeoutError):
         return  # the driver closed the connection, or an actor here is lost: it will see
     finally:
@@ -412,12 +420,12 @@ def receive(connection: socket.socket, count: int) -> bytes:
     return data
 
 
-def serve(address: str, path: str, size: int, max_batch: int, worker: int, indices: np.ndarray,
+def serve(address: str, path: str, size: int, max_batch: int, worker: int, place: slice,
           gradient_slice, losses) -> None:  # fmt: skip
     """The actor's end, until the driver closes the connection. Per request: the per-sample
     losses((flat, rows)) of its share of the loss batch's rows, if any, and the slice
-    gradient_slice((flat, batch)) -> (slice, seconds), if asked, written into the gradient at
-    indices."""
+    gradient_slice((flat, batch)) -> (slice, seconds), if asked, copied to its place among
+    the slices."""
     shared = SharedStep(path, size, max_batch)
     params = shared.params[:]
     params.flags.writeable = False  # as the compiled graph hands them over: read-only
@@ -435,7 +443,7 @@ def serve(address: str, path: str, size: int, max_batch: int, worker: int, indic
                 seconds = time.perf_counter() - started  # computing, as the slice's below
                 if wanted:
                     grad, slice_s = gradient_slice((params, shared.batch[:batch_size].copy()))
-                    shared.gradient[indices] = grad
+                    shared.slices[place] = grad
                     seconds += slice_s
             except Exception as error:
                 lines = str(error).strip().splitlines()

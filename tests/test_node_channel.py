@@ -16,6 +16,8 @@ from distnum.node_channel import HostLink, NodeChannel, WorkerLost, WorkerRaised
 
 SIZE, MAX_BATCH = 10, 8
 SHARDS = [np.array([0, 2, 4, 6, 8]), np.array([9, 7, 5, 3, 1])]
+ORDER = np.concatenate(SHARDS)  # where each value of the slices belongs
+PLACES = [slice(0, 5), slice(5, 10)]  # each shard's slice among them
 
 
 def gradient_slice(shard: np.ndarray):
@@ -33,12 +35,12 @@ def losses(step):
     return rows * 0.5 + flat[0]
 
 
-def start_actors(channel: NodeChannel, shards: dict[int, np.ndarray]) -> list[threading.Thread]:
-    """An actor's serving, in a thread, for each worker number and its shard."""
+def start_actors(channel: NodeChannel, workers: list[int]) -> list[threading.Thread]:
+    """An actor's serving, in a thread, for each worker number."""
     actors = []
-    for k, shard in shards.items():
-        args = (channel.address, channel.shared.path, SIZE, MAX_BATCH, k, shard,
-                gradient_slice(shard), losses)  # fmt: skip
+    for k in workers:
+        args = (channel.address, channel.shared.path, SIZE, MAX_BATCH, k, PLACES[k],
+                gradient_slice(SHARDS[k]), losses)  # fmt: skip
         actors.append(threading.Thread(target=node_channel.serve, args=args))
         actors[-1].start()
     return actors
@@ -52,8 +54,8 @@ def joined(threads: list[threading.Thread]) -> bool:
 
 @pytest.fixture
 def channel():
-    channel = NodeChannel(SIZE, MAX_BATCH, range(len(SHARDS)))
-    workers = start_actors(channel, dict(enumerate(SHARDS)))
+    channel = NodeChannel(SIZE, MAX_BATCH, [0, 1], ORDER)
+    workers = start_actors(channel, [0, 1])
     yield channel, workers
     channel.close()
     assert joined(workers)  # serving ends with the connection
@@ -105,14 +107,14 @@ def test_accept_gives_up_when_an_actor_cannot_serve():
 def relayed():
     """The driver's channel with actor 0 on its node, and a relay for actor 1 on "another
     node" (its own channel, reached over TCP on 127.0.0.1)."""
-    driver = NodeChannel(SIZE, MAX_BATCH, [0])
-    here = start_actors(driver, {0: SHARDS[0]})
+    driver = NodeChannel(SIZE, MAX_BATCH, [0], ORDER)
+    here = start_actors(driver, [0])
     there = NodeChannel(SIZE, MAX_BATCH, [1])
-    remote = start_actors(there, {1: SHARDS[1]})
+    remote = start_actors(there, [1])
     listener = socket.create_server(("127.0.0.1", 0))
     secret = b"s" * node_channel.SECRET_BYTES
     relay = threading.Thread(target=node_channel.relay,
-                             args=(listener, secret, there, SHARDS[1], 30))  # fmt: skip
+                             args=(listener, secret, there, [PLACES[1]], 30))  # fmt: skip
     there.accept(timeout_s=30, failed=lambda: False)
     relay.start()
     driver.accept(timeout_s=30, failed=lambda: False)
@@ -130,7 +132,7 @@ def test_a_relay_brings_its_nodes_slice_and_losses(relayed):
     stranger = socket.create_connection(endpoint)
     stranger.sendall(b"x" * node_channel.SECRET_BYTES)
     assert stranger.recv(1) == b""
-    driver.add_host(HostLink(endpoint, secret, SHARDS[1], 1, 30, failed=lambda: False))
+    driver.add_host(HostLink(endpoint, secret, [PLACES[1]], 30, failed=lambda: False))
     flat = np.arange(SIZE, dtype=np.float64)
     previous = None
     for batch in (np.array([1, 2]), np.array([3, 0, 1, 2, 4, 5, 6]), np.array([7])):
@@ -151,7 +153,7 @@ def test_a_relay_brings_its_nodes_slice_and_losses(relayed):
 
 def test_an_actor_lost_behind_a_relay_ends_the_relays_connection(relayed):
     driver, there, endpoint, secret, relay = relayed
-    driver.add_host(HostLink(endpoint, secret, SHARDS[1], 1, 30, failed=lambda: False))
+    driver.add_host(HostLink(endpoint, secret, [PLACES[1]], 30, failed=lambda: False))
     # the remote actor's connection ends, as when its process dies
     there.connections[1].shutdown(socket.SHUT_RDWR)
     with pytest.raises(WorkerLost, match="relay at 127.0.0.1"):
