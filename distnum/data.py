@@ -386,7 +386,6 @@ class ImageCodes:
 
     def __init__(self, codes: np.ndarray, normalize: bool) -> None:
         self.codes, self.normalize = codes, normalize
-        self.shape = codes.shape
 
     def __len__(self) -> int:
         return len(self.codes)
@@ -395,21 +394,26 @@ class ImageCodes:
         return pixel_values(self.codes[rows], self.normalize)
 
     @classmethod
-    def of(cls, x: np.ndarray, chunk_rows: int = 4096) -> ImageCodes | None:
-        """x's codes, if every value of x is one that pixel_values gives (normalised or
-        not), else None: a training set of the user's own may be any float64."""
+    def of(cls, x: np.ndarray, chunk_values: int = 1 << 22) -> ImageCodes | None:
+        """x's codes, if every value of x, bit for bit, is one that pixel_values gives
+        (normalised or not), else None: a training set of the user's own may be any
+        float64."""
         if x.dtype != np.float64 or x.ndim != 2 or x.size == 0:
             return None
+        chunk_rows = max(1, chunk_values // x.shape[1])
         for normalize in (True, False):
             codes = np.empty(x.shape, np.uint8)
             for start in range(0, len(x), chunk_rows):
                 part = x[start : start + chunk_rows]
                 nearest = np.rint(part * 255.0 if normalize else part)
-                if not (np.all((nearest >= 0) & (nearest <= 255))
-                        and np.array_equal(pixel_values(nearest.astype(np.uint8), normalize),
-                                           part)):  # fmt: skip
+                if not np.all((nearest >= 0) & (nearest <= 255)):
                     break
-                codes[start : start + chunk_rows] = nearest
+                chunk = nearest.astype(np.uint8)
+                # bits, not values: -0.0 == 0.0, but it would read back as 0.0
+                if not np.array_equal(pixel_values(chunk, normalize).view(np.uint64),
+                                      part.view(np.uint64)):  # fmt: skip
+                    break
+                codes[start : start + chunk_rows] = chunk
             else:
                 return cls(codes, normalize)
         return None

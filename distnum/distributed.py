@@ -4,10 +4,11 @@ The training set goes into the object store once, as uint8 codes when it is made
 values (8x fewer bytes to each node), and every actor reads it from there (zero-copy). Each
 step the driver hands over the current parameters and the minibatch's indices, and each
 actor computes the central differences of its shard (node_channel.py): through shared
-memory on the driver's node, each actor writing its slice into the gradient at its own
-indices; on every other node through a HostRelay actor, which takes one copy of the step
-over TCP for all the node's actors, and answers with the node's slice. A driver that is no
-node of the cluster (Ray Client) steps through a Ray Compiled Graph instead.
+memory on the driver's node, each actor copying its slice to its place among the slices
+(the driver puts them in index order); on every other node through a HostRelay actor,
+which takes one copy of the step over TCP for all the node's actors, and answers with their
+slices. A driver that is no node of the cluster (Ray Client) steps through a Ray Compiled
+Graph instead.
 """
 
 from __future__ import annotations
@@ -162,7 +163,7 @@ class GradientWorker:
                            self.gradient_slice, self.per_sample_losses)  # fmt: skip
 
 
-@ray.remote
+@ray.remote(max_concurrency=2)  # discard() while serve() waits
 class HostRelay:
     """The driver's part on a node it does not run on: a NodeChannel for the node's worker
     actors, and a TCP port for the driver, which sends each step here once."""
@@ -171,12 +172,21 @@ class HostRelay:
                  secret: bytes) -> None:  # fmt: skip
         """workers: the numbers of the node's actors, places: where their slices go."""
         self.channel = NodeChannel(size, max_batch, workers)
-        self.listener = socket.create_server((ray.util.get_node_ip_address(), 0))
+        try:
+            self.listener = socket.create_server((ray.util.get_node_ip_address(), 0))
+        except OSError:
+            self.channel.close()
+            raise
         self.places, self.secret = places, secret
 
     def endpoints(self) -> tuple[str, str, tuple[str, int]]:
         """The shared file and the Unix address, for the node's actors; the TCP address."""
         return self.channel.shared.path, self.channel.address, self.listener.getsockname()[:2]
+
+    def discard(self) -> None:
+        """Removes the shared file's name, left while actors may still connect: the relay is
+        about to be killed, which runs no cleanup."""
+        self.channel.shared.unlink()
 
     def serve(self) -> None:
         """Relays the steps, until the driver closes its connection or an actor is lost."""
@@ -343,9 +353,9 @@ class ShardedGradient:
     def step(self, flat: np.ndarray, batch: np.ndarray,
              loss_batch: np.ndarray | None) -> tuple[np.ndarray, float, float | None]:  # fmt: skip
         """The gradient and its seconds as __call__, and the mean loss at flat of loss_batch,
-        if given: on the driver's node, in the same request (the previous step's loss, at
-        the parameters this step starts from, costs the actors a few rows each and no
-        round trip of its own)."""
+        if given: in the same request, through shared memory and the relays (the previous
+        step's loss, at the parameters this step starts from, costs the actors a few rows
+        each and no round trip of its own)."""
         # the workers compute meanwhile: sleep through most of the expected wait, as the
         # driver's waiting would take a CPU they need when they are as many as the cores
         sleep_s = 0.95 * self.expected_compute_s
@@ -363,9 +373,9 @@ class ShardedGradient:
         return grad, compute_s, mean_loss(losses)
 
     def loss(self, flat: np.ndarray, batch: np.ndarray) -> float:
-        """The batch's mean loss at flat: each actor on the driver's node computes its share
-        of the per-sample losses (the same bits as one process); with a compiled graph, this
-        process computes it."""
+        """The batch's mean loss at flat: each actor computes its share of the per-sample
+        losses (the same bits as one process); with a compiled graph, this process computes
+        it."""
         losses = self.recovering(
             lambda limit_s: self.channel.losses(flat, batch, limit_s)
             if self.channel is not None else None
@@ -464,6 +474,10 @@ class ShardedGradient:
                 except ray.exceptions.RayError:
                     pass  # its actor died: answers() will say
         self.serving = []
+        try:  # a relay still waiting for its actors would leave its file in /dev/shm
+            ray.get([relay.discard.remote() for relay in self.relays], timeout=10)
+        except ray.exceptions.RayError:
+            pass  # a relay that died: its node's /dev/shm keeps the file (its name has its pid)
         for relay in self.relays:  # made anew at each connection, on the nodes of that time
             ray.kill(relay)
         self.relays = []

@@ -146,14 +146,13 @@ class NodeChannel:
         waiting = set(self.connections)
         self.listener.settimeout(0.2)
         while waiting:
+            if time.monotonic() > deadline:  # checked even while strangers keep connecting
+                raise TimeoutError(f"worker actors {sorted(waiting)} did not connect")
             try:
                 connection, _ = self.listener.accept()
             except TimeoutError:
                 if failed():
                     raise ChannelUnavailable from None
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"worker actors {sorted(waiting)} did not connect"
-                                       ) from None  # fmt: skip
                 continue
             worker = self.hello(connection)
             if worker in waiting:
@@ -189,6 +188,8 @@ class NodeChannel:
         spent computing (its losses included), and the per-sample losses at flat of
         loss_batch's indices, if given (each actor its share of the rows). Raises
         WorkerLost, WorkerRaised, or TimeoutError after limit_s."""
+        if batch.size == 0:  # "no gradient wanted" in the protocol
+            raise ValueError("an empty batch has no gradient; give at least one sample")
         self.shared.params[:] = flat
         longest = self.run(batch, loss_batch, sleep_s, limit_s)
         losses = None if loss_batch is None else self.shared.losses[: loss_batch.size].copy()
@@ -322,17 +323,18 @@ class HostLink:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{self.name} was not ready in {timeout_s:.0f} s")
             self.connection.settimeout(None)
-        except (OSError, EOFError) as error:
+        except BaseException as error:
             self.connection.close()
-            raise WorkerLost(self.name) from error
-        except BaseException:
-            self.connection.close()
+            if isinstance(error, (OSError, EOFError)) and not isinstance(error, TimeoutError):
+                raise WorkerLost(self.name) from error  # the relay's connection ended
             raise
 
     def send(self, params: np.ndarray, batch: np.ndarray, rows: np.ndarray,
              limit_s: float) -> None:  # fmt: skip
         header = REQUEST.pack(batch.size > 0, batch.size, rows.size, limit_s)
         parts = [header, params, batch.astype(np.int64), rows.astype(np.int64)]
+        # a relay that stops reading (its process hung) would block the driver for good
+        self.connection.settimeout(limit_s)
         try:
             for part in parts:
                 self.connection.sendall(part)
@@ -394,12 +396,12 @@ def relay(listener: socket.socket, secret: bytes, channel: NodeChannel, ranges: 
             receive_into(connection, shared.params)
             batch = receive_into(connection, np.empty(batch_size, np.int64))
             loss_rows = receive_into(connection, np.empty(rows, np.int64))
-            try:
-                seconds = channel.run(batch if wanted else None, loss_rows, 0.0, limit_s)
-            except WorkerRaised as error:
+            try:  # the driver's limit, which starts later, is the one that applies
+                seconds = channel.run(batch if wanted else None, loss_rows, 0.0, 2 * limit_s)
+            except WorkerRaised as error:  # the other actors' answers are left unread: end
                 message = str(error).encode()
                 connection.sendall(DONE.pack(1, 0.0, len(message)) + message)
-                continue
+                return
             connection.sendall(DONE.pack(0, seconds, 0))
             for part in [shared.slices[r] for r in ranges] if wanted else []:
                 connection.sendall(part)

@@ -79,7 +79,10 @@ def test_the_training_set_ships_as_uint8_codes_and_reads_back_the_same_bits(mnis
 def test_a_training_set_of_other_values_is_shipped_as_it_is():
     pixels = np.random.default_rng(0).integers(0, 256, (5, 4)) / 255.0
     assert ImageCodes.of(pixels) is not None
-    for other in (pixels + 1e-12, pixels * -1.0, pixels.astype(np.float32), pixels[:, :, None]):
+    negative_zero = pixels.copy()
+    negative_zero[0, 0] = -0.0  # equal to 0.0, but not its bits
+    for other in (pixels + 1e-12, pixels * -1.0, pixels.astype(np.float32), pixels[:, :, None],
+                  negative_zero):  # fmt: skip
         assert ImageCodes.of(other) is None
 
 
