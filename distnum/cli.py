@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -136,23 +137,24 @@ def run_bench(args: argparse.Namespace) -> int:
     x, labels, x_train, t_train = real_batch(args)
     if args.model:
         return run_model(args, x_train, t_train)
-    report = {
-        "engines": [
-            bench_engines(x, labels, hidden, args.seed, args.h, args.full_sample, args.repeat)
-            for hidden in (args.hidden_sizes or [args.hidden])
-        ]
-    }
-    if args.workers:
-        from distnum.distributed import connect, disconnect
+    with json_alone_on_stdout(args.json):
+        report = {
+            "engines": [
+                bench_engines(x, labels, hidden, args.seed, args.h, args.full_sample, args.repeat)
+                for hidden in (args.hidden_sizes or [args.hidden])
+            ]
+        }
+        if args.workers:
+            from distnum.distributed import connect, disconnect
 
-        owns_ray = connect(args.address)
-        try:
-            report["workers"] = bench_workers(
-                x_train, t_train, args.workers, args.steps, args.hidden, args.seed, args.h,
-                args.batch_size,
-            )  # fmt: skip
-        finally:
-            disconnect(owns_ray)
+            owns_ray = connect(args.address)
+            try:
+                report["workers"] = bench_workers(
+                    x_train, t_train, args.workers, args.steps, args.hidden, args.seed, args.h,
+                    args.batch_size,
+                )  # fmt: skip
+            finally:
+                disconnect(owns_ray)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -170,19 +172,26 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def json_alone_on_stdout(json_wanted: bool) -> contextlib.AbstractContextManager:
+    """With --json, what else is printed meanwhile goes to stderr: Ray prints its raylets'
+    warnings (such as "N PYTHON worker processes have been started") to stdout."""
+    return contextlib.redirect_stdout(sys.stderr) if json_wanted else contextlib.nullcontext()
+
+
 def run_model(args: argparse.Namespace, x_train: np.ndarray, t_train: np.ndarray) -> int:
     """distnum bench --model: the cost model measured, its predictions, and their plot."""
     from distnum.cost_model import OVERHEAD_WORKERS, format_model, measure, plot_model
     from distnum.distributed import connect, disconnect
     from distnum.plot import save_figure
 
-    owns_ray = connect(args.address)
-    try:
-        models = [measure(x_train, t_train, hidden, args.seed, args.h, args.steps, args.batch_size,
-                          args.workers or OVERHEAD_WORKERS)
-                  for hidden in args.hidden_sizes or [50, 200, 1000]]  # fmt: skip
-    finally:
-        disconnect(owns_ray)
+    with json_alone_on_stdout(args.json):
+        owns_ray = connect(args.address)
+        try:
+            models = [measure(x_train, t_train, hidden, args.seed, args.h, args.steps,
+                              args.batch_size, args.workers or OVERHEAD_WORKERS)
+                      for hidden in args.hidden_sizes or [50, 200, 1000]]  # fmt: skip
+        finally:
+            disconnect(owns_ray)
     path = save_figure(plot_model(models), args.plot)
     if args.json:
         print(json.dumps({"model": models, "plot": str(path)}, indent=2))

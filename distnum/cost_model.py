@@ -1,10 +1,12 @@
 """What a training step costs on N worker actors, measured and predicted (`distnum bench
 --model`):
 
-    T(N) = C / N * max(1, N / cores) * s  +  o(N, P, bandwidth)
+    T(N) = ((C - f) / N + f) * max(1, N / cores) * s  +  o(N, P, bandwidth)
 
 - C: one worker's compute for the whole gradient of a batch (its slice and its rows of the
   previous step's loss), measured with the fast engine and 1 actor;
+- f: what every actor computes whatever its shard's size: the batch's forward pass and its
+  distinct pixel values, measured as the fast engine's time for a shard of one W1 entry;
 - s: how much slower each of `cores` processes computes when all compute at once (shared
   caches, memory bandwidth, hyperthreads), measured with the engine in plain processes;
   1 for one actor. More actors than cores share them: the max(1, N / cores);
@@ -15,7 +17,7 @@ Across H hosts of c cores each (hosts like this machine), the driver sends each 
 one copy of the parameters (8P bytes) and receives its slice (8P / H), one host after the
 other through its own link of bandwidth B:
 
-    T_H = C * s / (H * c) + o(c) + (H - 1) * (d + (8P + 8P / H) / B)
+    T_H = ((C - f) / (H * c) + f) * s + o(c) + (H - 1) * (d + (8P + 8P / H) / B)
 
 where d is what one more host adds to a step beyond its bytes, measured as o on 2 hosts
 minus o on one node, with one actor each.
@@ -31,7 +33,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from distnum.bench import IdleEngine, bench_workers
+from distnum.bench import IdleEngine, bench_workers, median_seconds
 from distnum.distributed import cluster_nodes
 from distnum.engines import FastEngine
 from distnum.models import TwoLayerNet
@@ -44,6 +46,14 @@ CHECKED_UP_TO = 8  # up to so many actors, steps measured with the fast engine t
 SLOWDOWN_SECONDS = 2.0  # each engine process's run, alone and all together
 HOST_COUNTS = [1, 2, 4, 8, 16, 32, 64]
 BANDWIDTHS = {"10 Gbit/s": 10e9 / 8, "25 Gbit/s": 25e9 / 8}  # bytes per second
+
+
+def fixed_seconds(x: np.ndarray, labels: np.ndarray, hidden: int, seed: int, h: float) -> float:
+    """f: the fast engine's median time for a shard of one W1 entry."""
+    net = TwoLayerNet(x.shape[1], hidden, 10, seed=seed)
+    engine = FastEngine(net.layout, np.array([0]))
+    engine(net.flat_params, x, labels, h)  # compiled, or loaded from numba's cache
+    return median_seconds(lambda: engine(net.flat_params, x, labels, h), 20)
 
 
 def gradient_seconds(x: np.ndarray, labels: np.ndarray, hidden: int, seed: int, h: float,
@@ -97,6 +107,7 @@ def measure(x_train: np.ndarray, t_train: np.ndarray, hidden: int, seed: int, h:
         "params": checked[0]["params"],
         "cores": cores,
         "compute_s": checked[0]["median_compute_s"],
+        "fixed_s": fixed_seconds(x_train[batch], t_train[batch], hidden, seed, h),
         "slowdown": parallel_slowdown(
             x_train[batch], t_train[batch], hidden, seed, h, cores, SLOWDOWN_SECONDS
         ),  # fmt: skip
@@ -126,18 +137,18 @@ def measure(x_train: np.ndarray, t_train: np.ndarray, hidden: int, seed: int, h:
 
 def step_seconds(model: dict, workers: int) -> float:
     """T(N) on one node."""
-    cores = model["cores"]
+    cores, fixed = model["cores"], model["fixed_s"]
     contention = model["slowdown"] if workers > 1 else 1.0
-    compute = model["compute_s"] / workers * max(1.0, workers / cores) * contention
-    return compute + model["overhead_s"][workers]
+    each = (model["compute_s"] - fixed) / workers + fixed
+    return each * max(1.0, workers / cores) * contention + model["overhead_s"][workers]
 
 
 def host_step_seconds(model: dict, hosts: int, bandwidth: float) -> float:
     """T_H: hosts of `cores` cores each, one actor per core, the driver's link at bandwidth
     bytes per second."""
-    cores, params_bytes = model["cores"], 8 * model["params"]
+    cores, params_bytes, fixed = model["cores"], 8 * model["params"], model["fixed_s"]
     contention = model["slowdown"] if hosts * cores > 1 else 1.0
-    compute = model["compute_s"] * contention / (hosts * cores)
+    compute = ((model["compute_s"] - fixed) / (hosts * cores) + fixed) * contention
     per_host = model["host_delay_s"] + (params_bytes + params_bytes / hosts) / bandwidth
     return compute + model["overhead_s"][cores] + (hosts - 1) * per_host
 
@@ -148,12 +159,12 @@ def speedup(model: dict, hosts: int, bandwidth: float) -> float:
 
 def format_model(models: list[dict]) -> str:
     workers, checked = list(models[0]["overhead_s"]), list(models[0]["measured_steps_per_s"])
-    lines = ["the cost model, T(N) = C/N * max(1, N/cores) * s + o(N):",
-             f"{'hidden':>6} {'params':>8} {'C ms':>7} {'s':>5}  "
+    lines = ["the cost model, T(N) = ((C - f)/N + f) * max(1, N/cores) * s + o(N):",
+             f"{'hidden':>6} {'params':>8} {'C ms':>7} {'f ms':>6} {'s':>5}  "
              + "  ".join(f"{f'o({n}) ms':>8}" for n in workers)]  # fmt: skip
     for m in models:
         lines.append(f"{m['hidden']:>6} {m['params']:>8} {m['compute_s'] * 1e3:>7.2f} "
-                     f"{m['slowdown']:>5.2f}  "
+                     f"{m['fixed_s'] * 1e3:>6.2f} {m['slowdown']:>5.2f}  "
                      + "  ".join(f"{m['overhead_s'][n] * 1e3:>8.2f}" for n in workers))  # fmt: skip
     lines.append(f"\nsteps/s on one node ({models[0]['cores']} cores), predicted / measured:")
     lines.append(f"{'hidden':>6}  " + "  ".join(f"{f'N={n}':>20}" for n in checked))
@@ -218,6 +229,6 @@ def plot_model(models: list[dict]) -> Figure:
     else:
         hosts_axes.set_axis_off()
         hosts_axes.text(0.5, 0.5, "no second node measured", ha="center")
-    figure.suptitle("distnum bench --model: T(N) = C/N * max(1, N/cores) * s + o(N, P, B)")
+    figure.suptitle("distnum bench --model: T(N) = ((C - f)/N + f) * max(1, N/cores) * s + o(N)")
     figure.tight_layout()
     return figure

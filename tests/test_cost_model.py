@@ -13,7 +13,8 @@ from distnum.cli import run
 
 def a_model(**changes) -> dict:
     model = {
-        "params": 1000, "cores": 2, "compute_s": 0.010, "slowdown": 1.2, "host_delay_s": 0.001,
+        "params": 1000, "cores": 2, "compute_s": 0.010, "fixed_s": 0.002, "slowdown": 1.2,
+        "host_delay_s": 0.001,
         "overhead_s": {1: 0.0003, 2: 0.0004, 4: 0.0008, 8: 0.002},
     }  # fmt: skip
     return {**model, **changes}
@@ -22,16 +23,17 @@ def a_model(**changes) -> dict:
 def test_the_model_shares_the_compute_among_the_cores_and_adds_the_overhead():
     model = a_model()
     assert cost_model.step_seconds(model, 1) == pytest.approx(0.010 + 0.0003)
-    assert cost_model.step_seconds(model, 2) == pytest.approx(0.010 / 2 * 1.2 + 0.0004)
+    # each actor: its share of the work that divides, and all of the fixed work
+    assert cost_model.step_seconds(model, 2) == pytest.approx((0.004 + 0.002) * 1.2 + 0.0004)
     # more actors than cores: each computes less, but on a share of a core
-    assert cost_model.step_seconds(model, 8) == pytest.approx(0.010 / 2 * 1.2 + 0.002)
+    assert cost_model.step_seconds(model, 8) == pytest.approx((0.001 + 0.002) * 4 * 1.2 + 0.002)
 
 
 def test_more_hosts_pay_until_the_drivers_link_carries_the_parameters_to_each():
     model = a_model()
     bandwidth = 1e9
-    one = 0.010 * 1.2 / 2 + 0.0004
-    four = 0.010 * 1.2 / 8 + 0.0004 + 3 * (0.001 + (8000 + 8000 / 4) / bandwidth)
+    one = (0.008 / 2 + 0.002) * 1.2 + 0.0004
+    four = (0.008 / 8 + 0.002) * 1.2 + 0.0004 + 3 * (0.001 + (8000 + 8000 / 4) / bandwidth)
     assert cost_model.host_step_seconds(model, 1, bandwidth) == pytest.approx(one)
     assert cost_model.speedup(model, 4, bandwidth) == pytest.approx(one / four)
     big = a_model(params=10**8)  # 800 MB a copy: no host is worth adding
@@ -50,7 +52,7 @@ def test_bench_model_on_this_machine_prints_and_plots(mnist_dir, ray_session, tm
     assert model["hidden"] == 10 and model["params"] == 784 * 10 + 10 + 10 * 10 + 10
     assert list(model["overhead_s"]) == ["1", "2", "3"]  # 1 and the 2 cores always
     assert list(model["measured_steps_per_s"]) == ["1", "2", "3"]
-    assert 0 < model["compute_s"] and 0.5 < model["slowdown"] < 4
+    assert 0 < model["fixed_s"] < model["compute_s"] and 0.5 < model["slowdown"] < 4
     for n, predicted in model["predicted_steps_per_s"].items():
         measured = model["measured_steps_per_s"][n]
         assert model["prediction_error"][n] == pytest.approx(predicted / measured - 1)
