@@ -180,7 +180,13 @@ def json_alone_on_stdout(json_wanted: bool) -> contextlib.AbstractContextManager
 
 def run_model(args: argparse.Namespace, x_train: np.ndarray, t_train: np.ndarray) -> int:
     """distnum bench --model: the cost model measured, its predictions, and their plot."""
-    from distnum.cost_model import OVERHEAD_WORKERS, format_model, measure, plot_model
+    from distnum.cost_model import (
+        OVERHEAD_WORKERS,
+        format_model,
+        measure,
+        plot_model,
+        project_hosts,
+    )
     from distnum.distributed import connect, disconnect
     from distnum.plot import save_figure
 
@@ -192,6 +198,7 @@ def run_model(args: argparse.Namespace, x_train: np.ndarray, t_train: np.ndarray
                       for hidden in args.hidden_sizes or [50, 200, 1000]]  # fmt: skip
         finally:
             disconnect(owns_ray)
+    project_hosts(models)
     path = save_figure(plot_model(models), args.plot)
     if args.json:
         print(json.dumps({"model": models, "plot": str(path)}, indent=2))

@@ -17,10 +17,11 @@ Across H hosts of c cores each (hosts like this machine), the driver sends each 
 one copy of the parameters (8P bytes) and receives its slice (8P / H), one host after the
 other through its own link of bandwidth B:
 
-    T_H = ((C - f) / (H * c) + f) * s + o(c) + (H - 1) * (d + (8P + 8P / H) / B)
+    T_H = ((C - f) / (H * c) + f) * s + o(c) + (H - 1) * (d0 + (8P + 8P / H) / B)
 
-where d is what one more host adds to a step beyond its bytes, measured as o on 2 hosts
-minus o on one node, with one actor each.
+where d0 is what one more host adds to a step beyond its bytes. Measured: d, o on 2 hosts
+minus o on one node (one actor each), for each hidden size; d = d0 + bytes / B_here fitted
+over the hidden sizes gives d0 and the bandwidth between the hosts measured (B_here).
 """
 
 from __future__ import annotations
@@ -127,12 +128,28 @@ def measure(x_train: np.ndarray, t_train: np.ndarray, hidden: int, seed: int, h:
         n: report["predicted_steps_per_s"][n] / measured - 1
         for n, measured in report["measured_steps_per_s"].items()
     }
-    if "host_delay_s" in report and cores in report["overhead_s"]:
-        report["predicted_speedup"] = {
-            name: {hosts: speedup(report, hosts, bandwidth) for hosts in HOST_COUNTS}
+    return report
+
+
+def project_hosts(models: list[dict]) -> None:
+    """Adds d0, B_here and the predicted speedup on 1..64 hosts to each model measured on 2
+    hosts, when at least two hidden sizes were (one gives no fit: d0 = d, bytes counted
+    twice, a bound from below on the speedup)."""
+    measured = [m for m in models if "host_delay_s" in m and m["cores"] in m["overhead_s"]]
+    if not measured:
+        return
+    traffic = [m["bytes_to_each_host"][2] + m["bytes_from_each_host"][2] for m in measured]
+    delays = [m["host_delay_s"] for m in measured]
+    seconds_per_byte, fixed = 0.0, None
+    if len(set(traffic)) > 1:
+        seconds_per_byte, fixed = np.polyfit(traffic, delays, 1)
+    for m in measured:
+        m["host_fixed_s"] = max(float(fixed), 0.0) if fixed is not None else m["host_delay_s"]
+        m["bytes_per_s_here"] = 1 / seconds_per_byte if seconds_per_byte > 0 else None
+        m["predicted_speedup"] = {
+            name: {hosts: speedup(m, hosts, bandwidth) for hosts in HOST_COUNTS}
             for name, bandwidth in BANDWIDTHS.items()
         }
-    return report
 
 
 def step_seconds(model: dict, workers: int) -> float:
@@ -149,7 +166,7 @@ def host_step_seconds(model: dict, hosts: int, bandwidth: float) -> float:
     cores, params_bytes, fixed = model["cores"], 8 * model["params"], model["fixed_s"]
     contention = model["slowdown"] if hosts * cores > 1 else 1.0
     compute = ((model["compute_s"] - fixed) / (hosts * cores) + fixed) * contention
-    per_host = model["host_delay_s"] + (params_bytes + params_bytes / hosts) / bandwidth
+    per_host = model["host_fixed_s"] + (params_bytes + params_bytes / hosts) / bandwidth
     return compute + model["overhead_s"][cores] + (hosts - 1) * per_host
 
 
@@ -188,7 +205,11 @@ def format_model(models: list[dict]) -> str:
                      + f"  {m['host_delay_s'] * 1e3:>6.2f}  "
                      + "  ".join(f"{cell:>15}" for cell in traffic))  # fmt: skip
     if "predicted_speedup" in models[0]:
-        lines.append(f"\npredicted speedup on H hosts of {models[0]['cores']} cores each:")
+        here = models[0]["bytes_per_s_here"]
+        link = f"B_here {here / 1e9:.2f} GB/s" if here else "B_here not fitted"
+        lines.append(f"\nd = d0 + bytes / B_here: d0 {models[0]['host_fixed_s'] * 1e3:.2f} ms, "
+                     f"{link}")  # fmt: skip
+        lines.append(f"predicted speedup on H hosts of {models[0]['cores']} cores each:")
         lines.append(f"{'hidden':>6} {'link':>10}  "
                      + " ".join(f"{f'H={n}':>6}" for n in HOST_COUNTS))  # fmt: skip
         for m in models:

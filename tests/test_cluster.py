@@ -140,6 +140,8 @@ def test_each_other_host_gets_one_copy_of_the_parameters_per_step(cluster, mnist
     for n in ("2", "4"):
         assert 0.3 * params_bytes < model["bytes_from_each_host"][n] < 0.7 * params_bytes
     assert model["host_delay_s"] == model["two_host_overhead_s"]["2"] - model["overhead_s"]["2"]
+    # one hidden size: no fit, d0 = d
+    assert model["host_fixed_s"] == model["host_delay_s"] and model["bytes_per_s_here"] is None
     assert set(model["predicted_speedup"]) == {"10 Gbit/s", "25 Gbit/s"}
 
 

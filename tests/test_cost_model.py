@@ -14,7 +14,7 @@ from distnum.cli import run
 def a_model(**changes) -> dict:
     model = {
         "params": 1000, "cores": 2, "compute_s": 0.010, "fixed_s": 0.002, "slowdown": 1.2,
-        "host_delay_s": 0.001,
+        "host_fixed_s": 0.001,
         "overhead_s": {1: 0.0003, 2: 0.0004, 4: 0.0008, 8: 0.002},
     }  # fmt: skip
     return {**model, **changes}
@@ -38,6 +38,19 @@ def test_more_hosts_pay_until_the_drivers_link_carries_the_parameters_to_each():
     assert cost_model.speedup(model, 4, bandwidth) == pytest.approx(one / four)
     big = a_model(params=10**8)  # 800 MB a copy: no host is worth adding
     assert cost_model.speedup(big, 2, bandwidth) < 1
+
+
+def test_the_host_cost_splits_into_a_fixed_part_and_bytes_over_the_link_measured():
+    models = []
+    for params, delay in ((1000, 0.0012), (11000, 0.0022)):  # 1 ms per 80 kB more
+        two = {2: 8.0 * params}
+        models.append(a_model(params=params, host_delay_s=delay, bytes_to_each_host=two,
+                              bytes_from_each_host={2: 0.0}))  # fmt: skip
+    cost_model.project_hosts(models)
+    for m in models:
+        assert m["host_fixed_s"] == pytest.approx(0.0011)
+        assert m["bytes_per_s_here"] == pytest.approx(80_000 / 0.001)
+        assert m["predicted_speedup"]["10 Gbit/s"][1] == pytest.approx(1.0)
 
 
 def test_bench_model_on_this_machine_prints_and_plots(mnist_dir, ray_session, tmp_path, capsys,
