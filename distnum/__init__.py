@@ -13,6 +13,7 @@ _PUBLIC = {
     "TrainConfig": "distnum.training",
     "train": "distnum.training",
     "plot_run": "distnum.plot",
+    "numerical_gradient": "distnum.function_gradient",
 }
 __all__ = list(_PUBLIC)
 

@@ -409,7 +409,9 @@ def outcome(args: argparse.Namespace) -> int:
     from distnum.run_folder import OutputError, RunFolderError
     from distnum.training import ConfigError, Diverged, Interrupted
 
-    command_line.set(True)
+    # messages name options as flags while the command runs, and only then: run() can be
+    # called from Python too
+    token = command_line.set(True)
     try:
         return args.run(args)
     except (ConfigError, RunFolderError, CheckpointError, DataError, ConnectionError) as error:
@@ -432,6 +434,8 @@ def outcome(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("distnum: interrupted", file=sys.stderr)
         return 130
+    finally:
+        command_line.reset(token)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -27,6 +27,18 @@ def numerical_diff(f: Callable[[float], float], x: float, h: float = DEFAULT_H) 
     return (f(x + h) - f(x - h)) / (2 * h)
 
 
+def flat_view(x: np.ndarray) -> np.ndarray:
+    """x's entries as a flat view, if x is a contiguous float array, else a ValueError."""
+    x = np.asarray(x)
+    if not np.issubdtype(x.dtype, np.floating):
+        raise ValueError(f"x has dtype {x.dtype}; give a float array such as np.array([3.0, 4.0])")
+    flat_x = x.reshape(-1)
+    if not np.shares_memory(flat_x, x):
+        raise ValueError("x must be contiguous, so that it can be nudged in place "
+                         "(np.ascontiguousarray(x))")  # fmt: skip
+    return flat_x
+
+
 def central_differences(
     f: Callable[[np.ndarray], float],
     x: np.ndarray,
@@ -39,11 +51,7 @@ def central_differences(
     original value after its two evaluations, so x is left as it was found (f may read x
     through a view, as TwoLayerNet's loss does)."""
     h = check_h(h)
-    if not np.issubdtype(x.dtype, np.floating):
-        raise ValueError(f"x has dtype {x.dtype}; give a float array such as np.array([3.0, 4.0])")
-    flat_x = x.reshape(-1)
-    if not np.shares_memory(flat_x, x):
-        raise ValueError("x must be contiguous, so that it can be nudged in place")
+    flat_x = flat_view(x)
     indices = np.asarray(indices, dtype=np.intp)
     if indices.size and (indices.min() < 0 or indices.max() >= x.size):
         raise ValueError(f"indices must lie in [0, {x.size}), the flat indices of x")
@@ -51,12 +59,27 @@ def central_differences(
     for position, k in enumerate(indices):
         original = flat_x[k]
         flat_x[k] = original + h
-        loss_plus = f(x)
+        loss_plus = one_number(f(x))
         flat_x[k] = original - h
-        loss_minus = f(x)
+        loss_minus = one_number(f(x))
         flat_x[k] = original
         grad[position] = (loss_plus - loss_minus) / (2 * h)
     return grad
+
+
+def one_number(value: object) -> object:
+    """value, if it is one real number (the loss), as f returned it: its own type keeps the
+    book's arithmetic; else a ValueError saying what f must return."""
+    if isinstance(value, (bool, np.bool_)) or not (
+        isinstance(value, (int, float, np.integer, np.floating))
+        or (isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "iuf")
+    ):
+        described = (f"an array of shape {value.shape}" if isinstance(value, np.ndarray)
+                     else type(value).__name__)  # fmt: skip
+        raise ValueError(f"f returned {described}; numerical_gradient needs f(x) to return one "
+                         "real number, the value to differentiate (a loss: reduce it, e.g. "
+                         ".sum() or .mean())")  # fmt: skip
+    return value
 
 
 def numerical_gradient(

@@ -30,7 +30,6 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
-from tqdm import auto as tqdm_auto
 
 from distnum import checkpoint as checkpoints
 from distnum.data import has_all_files, load_mnist, locate
@@ -39,6 +38,7 @@ from distnum.engines.base import one_blas_thread
 from distnum.gradient import DEFAULT_H
 from distnum.models import PARAM_NAMES, TwoLayerNet
 from distnum.options import option, resume_hint
+from distnum.progress import live_bar
 from distnum.run_folder import OutputError, RunFolder, RunFolderError
 from distnum.stopping import StopRequests
 
@@ -189,12 +189,7 @@ class Progress:
     neither a terminal nor Jupyter's) or when quiet, only the lines per epoch."""
 
     def __init__(self, total: int, done: int, quiet: bool) -> None:
-        # tqdm.auto takes the widget inside a Jupyter kernel (with ipywidgets), where stderr is
-        # no terminal but a bar is still seen live
-        in_jupyter = tqdm_auto.notebook_tqdm is not tqdm_auto.std_tqdm
-        live = not quiet and (in_jupyter or sys.stderr.isatty())
-        self.bar = tqdm_auto.tqdm(total=total, initial=done, unit="step", dynamic_ncols=True,
-                                  disable=not live)  # fmt: skip
+        self.bar = live_bar(total, "step", initial=done, quiet=quiet)
 
     def step(self, loss: float) -> None:
         self.bar.update(1)

@@ -9,6 +9,7 @@ import pytest
 
 from distnum import cost_model
 from distnum.cli import run
+from distnum.options import option
 
 
 def a_model(**changes) -> dict:
@@ -61,6 +62,7 @@ def test_bench_model_on_this_machine_prints_and_plots(mnist_dir, ray_session, tm
                    "--workers", "1", "3", "--steps", "4", "--plot", str(png),
                    "--json"])  # fmt: skip
     assert status == 0
+    assert option("data_dir") == "data_dir="  # the command's flag style ended with it
     (model,) = json.loads(capsys.readouterr().out)["model"]
     assert model["hidden"] == 10 and model["params"] == 784 * 10 + 10 + 10 * 10 + 10
     assert list(model["overhead_s"]) == ["1", "2", "3"]  # 1 and the 2 cores always
