@@ -2,7 +2,8 @@
 moment leaves the previous checkpoint whole, and read back trusting nothing.
 
 A checkpoint of step S is two files in OUT/checkpoints:
-    step-000000S.npz   the flat parameters and the metrics so far, plain arrays (no pickle)
+    step-000000S.npz   the flat parameters, the optimizer's state and the metrics so far,
+                       plain arrays (no pickle)
     step-000000S.json  the manifest: the run's id, step, the minibatch RNG's state, the run's
                        settings, the data set's digest, the SHA-256 of the .npz and one of the
                        manifest itself; written last, so that a checkpoint without one does
@@ -24,12 +25,13 @@ import re
 import tempfile
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 FORMAT = 2
+OPTIMIZER_PREFIX = "optimizer_"  # the optimizer's arrays in the .npz, by their state names
 KEEP = 2  # the newest checkpoints of a run kept; older ones go once a newer one is whole
 MANIFEST_NAME = re.compile(r"step-(\d{7,})\.json")
 MAX_MANIFEST_BYTES = 1 << 20  # a real one is about 2 KB; more is not a manifest of ours
@@ -54,6 +56,8 @@ class Checkpoint:
     step_losses: np.ndarray  # (step,) loss after each step
     step_seconds: np.ndarray  # (step,)
     epochs: np.ndarray  # (E, 4): step, epoch, train_acc, test_acc
+    # the optimizer's state vectors and its "iterations" (see distnum/optimizers.py)
+    optimizer_state: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def directory(out: Path) -> Path:
@@ -102,6 +106,7 @@ def _serialise_arrays(checkpoint: Checkpoint) -> bytes:
         step_losses=np.asarray(checkpoint.step_losses, dtype=np.float64),
         step_seconds=np.asarray(checkpoint.step_seconds, dtype=np.float64),
         epochs=np.asarray(checkpoint.epochs, dtype=np.float64).reshape(-1, 4),
+        **{OPTIMIZER_PREFIX + name: value for name, value in checkpoint.optimizer_state.items()},
     )
     return buffer.getvalue()
 
@@ -227,6 +232,10 @@ def load(path: Path, step: int, check: Callable[[Checkpoint], None]) -> Checkpoi
         raise damaged(f"format {manifest['format']}, not {FORMAT}")
     if manifest["manifest_sha256"] != _digest(manifest):
         raise damaged("the manifest's checksum does not match its content (changed)")
+    # a checkpoint written before the optimizers: its run used the chapter's plain SGD, whose
+    # only state is the count of its updates, one per step
+    before_optimizers = "optimizer" not in manifest["settings"]
+    manifest["settings"].setdefault("optimizer", "sgd")
     if manifest["step"] != step or not 0 <= step <= MAX_STEP:
         raise damaged(f"step {manifest['step']} does not match its name")
     if manifest["data"] != f"{stem(step)}.npz":
@@ -258,7 +267,9 @@ def load(path: Path, step: int, check: Callable[[Checkpoint], None]) -> Checkpoi
                 step_losses=arrays["step_losses"],
                 step_seconds=arrays["step_seconds"],
                 epochs=arrays["epochs"],
-            )
+                optimizer_state={name.removeprefix(OPTIMIZER_PREFIX): arrays[name]
+                                 for name in arrays.files if name.startswith(OPTIMIZER_PREFIX)},
+            )  # fmt: skip
     except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as error:
         raise damaged(f"unreadable arrays in {data_path.name} ({error})") from None
     arrays_fit = (
@@ -272,6 +283,8 @@ def load(path: Path, step: int, check: Callable[[Checkpoint], None]) -> Checkpoi
     )
     if not arrays_fit:
         raise damaged(f"the arrays in {data_path.name} do not fit step {step}")
+    if before_optimizers and not checkpoint.optimizer_state:
+        checkpoint.optimizer_state = {"iterations": np.array(step, dtype=np.int64)}
     if not (
         np.isfinite(checkpoint.flat_params).all() and np.isfinite(checkpoint.step_losses).all()
     ):

@@ -263,6 +263,7 @@ def run_plot(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from distnum.engines import ENGINES
+    from distnum.optimizers import OPTIMIZERS
     from distnum.training import DEFAULTS
 
     parser = OneLineParser(
@@ -299,7 +300,14 @@ def build_parser() -> argparse.ArgumentParser:
         ("seed", whole_number(0), "seeds the initial weights and the minibatches"),
     ):
         default = DEFAULTS[name.replace("-", "_")]
+        if name == "lr":
+            default = "the optimizer's: sgd 0.1 (the chapter's), adam 0.001, the others 0.01"
         train.add_argument(f"--{name}", type=kind, help=f"{text} (default {default}{resumed})")
+    train.add_argument(
+        "--optimizer",
+        choices=list(OPTIMIZERS),
+        help=f"how each gradient updates the parameters, as in chapter 6 (default sgd{resumed})",
+    )
     train.add_argument(
         "--engine",
         choices=list(ENGINES),

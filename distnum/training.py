@@ -37,14 +37,17 @@ from distnum.engines import ENGINES, EngineFactory
 from distnum.engines.base import one_blas_thread
 from distnum.gradient import DEFAULT_H
 from distnum.models import PARAM_NAMES, TwoLayerNet
+from distnum.optimizers import OPTIMIZERS, make_optimizer
 from distnum.options import option, resume_hint
 from distnum.progress import live_bar
 from distnum.run_folder import OutputError, RunFolder, RunFolderError
 from distnum.stopping import StopRequests
 
 # the run's own settings: a resumed run keeps them; None in TrainConfig means "not given"
+# (lr: the optimizer's default, which for sgd is the notebook's 0.1)
 DEFAULTS = {"iters": 10000, "batch_size": 100, "lr": 0.1, "hidden": 50,
-            "weight_init_std": 0.01, "engine": "fast", "h": DEFAULT_H, "seed": 0}  # fmt: skip
+            "weight_init_std": 0.01, "engine": "fast", "h": DEFAULT_H, "seed": 0,
+            "optimizer": "sgd"}  # fmt: skip
 RAY_ADDRESS = re.compile(r"auto|(ray://)?[A-Za-z0-9._-]+:\d{1,5}")
 MAX_H = 1.0  # a nudge beyond 1 measures no derivative of a net whose weights are ~0.01
 
@@ -62,6 +65,7 @@ class TrainConfig:
     engine: str | EngineFactory | None = None  # "fast", "full", or a factory (layout, indices)
     h: float | None = None
     seed: int | None = None
+    optimizer: str | None = None  # sgd, momentum, nesterov, adagrad, rmsprop, adam (chapter 6)
     workers: int | None = None  # None: as many as the CPUs Ray reports
     data_dir: str | None = None
     out: str | None = None  # None: runs/train-<time>
@@ -114,6 +118,9 @@ def check_config(config: TrainConfig) -> None:
     positive("lr", "0.1")
     positive("weight_init_std", "0.01")
     positive("h", "1e-4", MAX_H)
+    if config.optimizer is not None and config.optimizer not in OPTIMIZERS:
+        raise ConfigError(f"{option('optimizer', config.optimizer)} is unknown; choose one of "
+                          f"{', '.join(OPTIMIZERS)}")  # fmt: skip
     engine = config.engine
     if engine is not None and not callable(engine) and engine not in ENGINES:
         raise ConfigError(f"{option('engine', engine)} is unknown; choose one of "
@@ -144,6 +151,13 @@ def check_address(address: str | None) -> None:
         )
 
 
+def check_checkpoint(checkpoint: checkpoints.Checkpoint) -> None:
+    """A checkpoint's settings, and its optimizer's state for them (ValueError if not)."""
+    check_settings(checkpoint.settings)
+    optimizer = make_optimizer(checkpoint.settings["optimizer"], checkpoint.flat_params.size)
+    optimizer.load_state(checkpoint.optimizer_state)
+
+
 def check_settings(settings: dict) -> None:
     """A run's settings as a checkpoint records them: each present and valid (a custom
     engine is recorded as "custom")."""
@@ -161,7 +175,10 @@ def resolved(config: TrainConfig, saved: checkpoints.Checkpoint | None,
     that contradicts it is an error, except a larger iters, which extends the run), else
     the default."""
     if saved is None:
-        return replace(config, **{k: v for k, v in DEFAULTS.items() if getattr(config, k) is None})
+        values = {k: v for k, v in DEFAULTS.items() if getattr(config, k) is None}
+        if config.lr is None:  # the optimizer's own default rate, as in the book
+            values["lr"] = OPTIMIZERS[config.optimizer or DEFAULTS["optimizer"]].default_lr
+        return replace(config, **values)
     recorded = saved.settings
     for name in DEFAULTS:
         given = getattr(config, name)
@@ -292,7 +309,7 @@ class Run:
         self.checkpoints = checkpoints.Checkpoints(out, uuid.uuid4().hex)
         self.saved = None
         if config.resume:
-            self.saved, note = self.checkpoints.newest(lambda c: check_settings(c.settings))
+            self.saved, note = self.checkpoints.newest(check_checkpoint)
             if note:
                 print(f"distnum: {note}", file=sys.stderr)
         elif self.folder.run_files():
@@ -339,6 +356,9 @@ class Run:
                 )
             self.net.flat_params[:] = saved.flat_params
             self.batch_rng.bit_generator.state = saved.rng_state
+        self.optimizer = make_optimizer(config.optimizer, self.net.layout.size, config.lr)
+        if saved is not None:  # checked when the checkpoint was read (check_checkpoint)
+            self.optimizer.load_state(saved.optimizer_state)
         self.step = saved.step if saved else 0
         self.iter_per_epoch = max(len(self.x_train) // config.batch_size, 1)
         if saved is None:
@@ -380,7 +400,7 @@ class Run:
                 self.checkpoints.run_id, self.step, self.net.flat_params,
                 self.batch_rng.bit_generator.state, self.settings(), self.data_sha256,
                 self.data_dir, np.array(self.metrics.losses), np.array(self.metrics.seconds),
-                np.array(self.metrics.epochs).reshape(-1, 4),
+                np.array(self.metrics.epochs).reshape(-1, 4), self.optimizer.state(),
             ))  # fmt: skip
         self.last_checkpoint = f"step {self.step}"
 
@@ -424,7 +444,7 @@ class Run:
                                                      None if owed is None else owed[0])  # fmt: skip
             if owed is not None:
                 self.record(owed_loss, owed[1], progress)
-            net.flat_params -= config.lr * grad
+            self.optimizer.update(net.flat_params, grad)
             self.step += 1
             compute_s += seconds
             step_s = time.perf_counter() - step_started

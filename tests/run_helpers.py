@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 
 from distnum import checkpoint as checkpoints
-from distnum.training import check_settings, train
+from distnum.training import check_checkpoint, train
 
 TINY = ["--batch-size", "10", "--hidden", "8"]  # 60 training images: an epoch is 6 steps
 
@@ -83,7 +83,7 @@ def alive(processes: list[psutil.Process]) -> list[psutil.Process]:
 
 def newest_checkpoint(out: Path) -> tuple[checkpoints.Checkpoint, str | None]:
     """The checkpoint `--resume out` would go on from, and its note on skipped files."""
-    return checkpoints.Checkpoints(out, run_id="").newest(lambda c: check_settings(c.settings))
+    return checkpoints.Checkpoints(out, run_id="").newest(check_checkpoint)
 
 
 def descendants(run: subprocess.Popen) -> list[psutil.Process]:
