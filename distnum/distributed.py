@@ -396,10 +396,7 @@ class ShardedGradient:
                 self.close()  # the other actors' answers are left unread: no request after
                 raise worker_failed(error) from None
             except (ray.exceptions.RayError, WorkerLost, TimeoutError) as error:
-                # an actor died, or no answer in time; without the frames, which hold views
-                # of the shared memory that the channel's closing must unmap
-                failure = error.with_traceback(None)
-                failure.__context__ = None
+                failure = error  # an actor died, or no answer in time
             self.recover(failure)
 
     def run_graph(self, flat: np.ndarray, batch: np.ndarray, sleep_s: float,

@@ -77,13 +77,17 @@ def sharded(payload: bytes, x: np.ndarray, h: float, workers: int, quiet: bool) 
     cpus = min(1.0, ray.cluster_resources().get("CPU", 1.0) / workers)
     actors = [FunctionWorker.options(num_cpus=cpus).remote(payload, h) for _ in range(workers)]
     bar = live_bar(x.size, "index", quiet=quiet, delay_s=2.0)
+    waiting = list(reversed(chunks))
+    running = {}  # result ref -> (actor, chunk)
+
+    def hand_out(actor: ray.actor.ActorHandle) -> None:
+        if waiting:
+            start, stop = waiting.pop()
+            running[actor.differences.remote(start, stop)] = (actor, (start, stop))
+
     try:
-        waiting = list(reversed(chunks))
-        running = {}  # result ref -> (actor, chunk)
         for actor in actors:
-            if waiting:
-                start, stop = waiting.pop()
-                running[actor.differences.remote(start, stop)] = (actor, (start, stop))
+            hand_out(actor)
         while running:
             (done,), _ = ray.wait(list(running))
             actor, (start, stop) = running.pop(done)
@@ -94,9 +98,7 @@ def sharded(payload: bytes, x: np.ndarray, h: float, workers: int, quiet: bool) 
             except ray.exceptions.RayActorError as error:
                 raise WorkerFailed(f"a worker actor died: {first_line(error)}") from None
             bar.update(stop - start)
-            if waiting:
-                start, stop = waiting.pop()
-                running[actor.differences.remote(start, stop)] = (actor, (start, stop))
+            hand_out(actor)
     finally:
         bar.close()
         for actor in actors:
