@@ -34,8 +34,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from distnum import node_channel
 from distnum.data import ImageCodes
 from distnum.engines import EngineFactory, make_engine
-from distnum.functions import mean_loss
-from distnum.models import ParamLayout, checked_batch, per_sample_losses
+from distnum.models import ParamLayout, checked_batch, per_sample_losses, total_loss
 from distnum.node_channel import (
     ChannelUnavailable,
     HostLink,
@@ -75,13 +74,14 @@ def sample_losses(layout: ParamLayout, flat: np.ndarray, x_train: np.ndarray,
                   t_train: np.ndarray, rows: np.ndarray) -> np.ndarray:  # fmt: skip
     """The losses (R,) at flat of the R training samples numbered in rows."""
     x, labels = checked_batch(layout, x_train[rows], t_train[rows])
-    return per_sample_losses(layout.views(flat), x, labels)
+    return per_sample_losses(layout, layout.views(flat), x, labels)
 
 
 def loss_in_process(layout: ParamLayout, flat: np.ndarray, x_train: np.ndarray,
                     t_train: np.ndarray, batch: np.ndarray) -> float:  # fmt: skip
-    """The mean loss at flat of the training samples numbered in batch."""
-    return mean_loss(sample_losses(layout, flat, x_train, t_train, batch))
+    """The loss at flat (weight decay included) of the training samples numbered in batch."""
+    losses = sample_losses(layout, flat, x_train, t_train, batch)
+    return total_loss(layout, layout.views(flat), losses)
 
 
 class RayUnavailable(RuntimeError):
@@ -370,7 +370,7 @@ class ShardedGradient:
             return grad, compute_s, None
         if losses is None:  # a compiled graph's step
             return grad, compute_s, self.loss(flat, loss_batch)
-        return grad, compute_s, mean_loss(losses)
+        return grad, compute_s, total_loss(self.layout, self.layout.views(flat), losses)
 
     def loss(self, flat: np.ndarray, batch: np.ndarray) -> float:
         """The batch's mean loss at flat: each actor computes its share of the per-sample
@@ -382,7 +382,7 @@ class ShardedGradient:
         )  # fmt: skip
         if losses is None:
             return loss_in_process(self.layout, flat, self.x_train, self.t_train, batch)
-        return mean_loss(losses)
+        return total_loss(self.layout, self.layout.views(flat), losses)
 
     def recovering(self, request: Callable[[float], T]) -> T:
         """request(limit_s), again after an actor died or did not answer in limit_s (with the

@@ -1,4 +1,4 @@
-"""Activations and loss functions of chapters 3 and 4, as the book names them.
+"""Activations and loss functions of chapters 3, 4 and 6, as the book names them.
 
 sigmoid, softmax and the softmax cross-entropy are the network's own arithmetic: numba
 loops over the exp and log of distnum/vecmath.py, in one fixed order, so that they give the
@@ -14,7 +14,7 @@ import numba
 import numpy as np
 
 from distnum import vecmath
-from distnum.vecmath import JIT, exp, log
+from distnum.vecmath import JIT, exp, fma, log
 
 
 @numba.njit(**JIT)
@@ -29,6 +29,23 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
     """1 / (1 + exp(-x)), elementwise, float64 of x's shape; exactly 0 where exp(-x) overflows."""
     x = np.asarray(x, dtype=np.float64)
     return _sigmoid(x.ravel()).reshape(x.shape)
+
+
+def relu(x: np.ndarray) -> np.ndarray:
+    """max(x, 0) elementwise, float64 of x's shape, as the book's Relu: 0.0 where x <= 0
+    (-0.0 included), nan kept."""
+    x = np.asarray(x, dtype=np.float64)
+    return np.where(x <= 0.0, 0.0, x)
+
+
+@numba.njit(**JIT)
+def sum_of_squares(values):
+    """sum(v ** 2) of a 1-D float64 array, each square added in index order with one fma:
+    the same bits on every CPU (numpy's sum picks its order per CPU)."""
+    total = 0.0
+    for v in values:
+        total = fma(v, v, total)
+    return total
 
 
 @numba.njit(**JIT)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from distnum.engines import FastEngine, FullEngine
-from distnum.models import PARAM_NAMES, TwoLayerNet
+from distnum.models import TwoLayerNet
 
 
 def sample_indices(net: TwoLayerNet, w1_sample: int, rng: np.random.Generator) -> np.ndarray:
@@ -24,7 +24,7 @@ def train_with_backprop(
     for _ in range(steps):
         mask = rng.choice(len(x), batch_size)
         grads = net.gradient(x[mask], t[mask])
-        for name in PARAM_NAMES:
+        for name in net.layout.names:
             net.params[name] -= lr * grads[name]
 
 

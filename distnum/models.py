@@ -1,6 +1,6 @@
-"""The chapter's networks: SimpleNet (4.4.2) and TwoLayerNet (4.5).
+"""The chapter's networks: SimpleNet (4.4.2), TwoLayerNet (4.5) and chapter 6's MultiLayerNet.
 
-TwoLayerNet keeps every parameter in ONE flat float64 vector, laid out W1, b1, W2, b2, each
+Every parameter lives in ONE flat float64 vector, laid out W1, b1, W2, b2, ..., each
 row-major; `net.params["W1"]` and the others are views into it. A "parameter index" is an
 index into that vector everywhere in distnum: engines take index sets, shards are index
 sets, the driver gathers gradient slices by index.
@@ -8,7 +8,7 @@ sets, the driver gathers gradient slices by index.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Iterator, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -19,14 +19,16 @@ from distnum.functions import (
     cross_entropy_error,
     label_indices,
     mean_loss,
+    relu,
     sigmoid,
     softmax,
     softmax_cross_entropy_per_sample,
+    sum_of_squares,
 )
 from distnum.gradient import DEFAULT_H
 from distnum.vecmath import JIT, fma
 
-PARAM_NAMES = ("W1", "b1", "W2", "b2")
+ACTIVATIONS = {"sigmoid": sigmoid, "relu": relu}
 
 
 class SimpleNet:
@@ -46,16 +48,59 @@ class SimpleNet:
 
 @dataclass(frozen=True)
 class ParamLayout:
-    """Where W1 (I, H), b1 (H,), W2 (H, K) and b2 (K,) sit in the flat parameter vector."""
+    """A network as distnum computes it: layer sizes n_0 = input_size, n_1..n_L =
+    hidden_sizes, n_{L+1} = output_size; W_l (n_{l-1}, n_l) and b_l (n_l,) for l = 1..L+1,
+    in that order in the flat vector; one activation for the hidden layers; and the weight
+    decay lambda, whose 0.5 * lambda * sum(W_l ** 2) the loss adds (b_l not included, as in
+    the book). hidden_sizes may be given as one int (the chapter's net: 784, 50, 10)."""
 
     input_size: int
-    hidden_size: int
+    hidden_sizes: tuple[int, ...]
     output_size: int
+    activation: str = "sigmoid"
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        hidden = self.hidden_sizes
+        hidden = (hidden,) if isinstance(hidden, (int, np.integer)) else tuple(hidden)
+        sizes = (self.input_size, *hidden, self.output_size)
+        if not hidden or any(isinstance(n, bool) or not isinstance(n, (int, np.integer))
+                             or n < 1 for n in sizes):  # fmt: skip
+            raise ValueError(f"layer sizes {sizes}: give whole numbers >= 1 and at least one "
+                             "hidden layer, such as 784, [100, 100], 10")  # fmt: skip
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation {self.activation!r} is unknown; choose one of "
+                             f"{', '.join(ACTIVATIONS)}")  # fmt: skip
+        decay = self.weight_decay
+        number = isinstance(decay, (int, float, np.floating)) and not isinstance(decay, bool)
+        if not (number and np.isfinite(decay) and decay >= 0):
+            raise ValueError(f"weight decay {decay!r} must be a finite number >= 0, such as 0.1")
+        object.__setattr__(self, "hidden_sizes", tuple(int(n) for n in hidden))
+        object.__setattr__(self, "weight_decay", float(decay))
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        """(n_0, ..., n_{L+1}): the input, each hidden layer, the output."""
+        return (self.input_size, *self.hidden_sizes, self.output_size)
+
+    @property
+    def depth(self) -> int:
+        """L + 1, the number of affine layers."""
+        return len(self.hidden_sizes) + 1
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """W1, b1, ..., W{L+1}, b{L+1}, in the flat vector's order."""
+        return tuple(f"{kind}{layer}" for layer in range(1, self.depth + 1) for kind in "Wb")
 
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:
-        i, h, k = self.input_size, self.hidden_size, self.output_size
-        return {"W1": (i, h), "b1": (h,), "W2": (h, k), "b2": (k,)}
+        sizes = self.sizes
+        out = {}
+        for layer in range(1, self.depth + 1):
+            out[f"W{layer}"] = (sizes[layer - 1], sizes[layer])
+            out[f"b{layer}"] = (sizes[layer],)
+        return out
 
     @property
     def slices(self) -> dict[str, slice]:
@@ -69,11 +114,15 @@ class ParamLayout:
 
     @property
     def size(self) -> int:
-        return self.slices["b2"].stop
+        return sum(int(np.prod(shape)) for shape in self.shapes.values())
+
+    def describe(self) -> str:
+        """The sizes joined by dashes and the activation: "784-100-100-10 relu"."""
+        return "-".join(map(str, self.sizes)) + f" {self.activation}"
 
     def flatten(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
         """One flat float64 vector (size,) from arrays shaped like the parameters."""
-        return np.concatenate([np.ravel(arrays[name]) for name in PARAM_NAMES]).astype(np.float64)
+        return np.concatenate([np.ravel(arrays[name]) for name in self.names]).astype(np.float64)
 
     def views(self, flat: np.ndarray) -> dict[str, np.ndarray]:
         """Named views (sharing memory) into a flat vector of this layout."""
@@ -83,7 +132,7 @@ class ParamLayout:
 
 
 class ParamViews(MutableMapping):
-    """net.params: W1, b1, W2, b2 as views of the flat vector.
+    """net.params: W1, b1, ... as views of the flat vector.
 
     Assigning `params["W1"] = array` copies into the view, so the book's
     `network.params[key] -= lr * grad[key]` updates the flat vector too."""
@@ -100,7 +149,7 @@ class ParamViews(MutableMapping):
             view[...] = value
 
     def __delitem__(self, name: str) -> None:
-        raise TypeError("TwoLayerNet's parameters cannot be deleted")
+        raise TypeError("a network's parameters cannot be deleted")
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._views)
@@ -110,18 +159,24 @@ class ParamViews(MutableMapping):
 
 
 class Activations(NamedTuple):
-    """The forward pass of a batch of N: a1, z1 (N, H) and the logits a2 (N, K)."""
+    """The forward pass of a batch of N: inputs[l] (N, n_l) is what affine layer l + 1 reads
+    (inputs[0] the batch, then each hidden layer's activations z_l), pre[l] (N, n_{l+1}) what
+    it computes (a_{l+1}); pre[-1] are the logits (N, K)."""
 
-    a1: np.ndarray
-    z1: np.ndarray
-    a2: np.ndarray
+    inputs: list[np.ndarray]
+    pre: list[np.ndarray]
+
+    @property
+    def logits(self) -> np.ndarray:
+        return self.pre[-1]
 
 
 @numba.njit(**JIT)
 def affine(x, W, b):
     """x W + b for x (N, I), W (I, J), b (J,), in one fixed order on every CPU: out[n, j]
     adds x[n, i] W[i, j] for i = 0, 1, ... (each an fma, one rounding), then b[j]. A zero
-    x[n, i] adds nothing, so it is skipped: most of an MNIST image is zero pixels."""
+    x[n, i] adds nothing, so it is skipped: most of an MNIST image is zero pixels, and a
+    ReLU layer's outputs are often zero."""
     if W.shape[0] != x.shape[1] or b.size != W.shape[1]:
         raise ValueError("affine: x (N, I), W (I, J) and b (J,) do not fit together")
     out = np.empty((x.shape[0], W.shape[1]))
@@ -138,24 +193,49 @@ def affine(x, W, b):
     return out
 
 
-def forward(params: dict[str, np.ndarray], x: np.ndarray) -> Activations:
-    """The network's one forward pass: a1 = x W1 + b1, z1 = sigmoid(a1), a2 = z1 W2 + b2, for
-    a checked batch x (N, I) (see checked_inputs); the same bits on every CPU."""
-    a1 = affine(x, params["W1"], params["b1"])
-    z1 = sigmoid(a1)
-    return Activations(a1, z1, affine(z1, params["W2"], params["b2"]))
+def forward(layout: ParamLayout, params: dict[str, np.ndarray], x: np.ndarray) -> Activations:
+    """The network's one forward pass, for a checked batch x (N, I) (see checked_inputs):
+    a_l = z_{l-1} W_l + b_l, z_l = activation(a_l), z_0 = x, the last a the logits; the
+    same bits on every CPU."""
+    activation = ACTIVATIONS[layout.activation]
+    inputs, pre = [x], []
+    for layer in range(1, layout.depth + 1):
+        pre.append(affine(inputs[-1], params[f"W{layer}"], params[f"b{layer}"]))
+        if layer < layout.depth:
+            inputs.append(activation(pre[-1]))
+    return Activations(inputs, pre)
 
 
-def per_sample_losses(params: dict[str, np.ndarray], x: np.ndarray,
+def per_sample_losses(layout: ParamLayout, params: dict[str, np.ndarray], x: np.ndarray,
                       labels: np.ndarray) -> np.ndarray:  # fmt: skip
     """Softmax cross-entropy (N,) of each sample of a checked batch x (N, I) against class
-    indices (N,): each row's depends on that row alone."""
-    return softmax_cross_entropy_per_sample(forward(params, x).a2, labels)
+    indices (N,): each row's depends on that row alone (weight decay not included)."""
+    return softmax_cross_entropy_per_sample(forward(layout, params, x).logits, labels)
 
 
-def batch_loss(params: dict[str, np.ndarray], x: np.ndarray, labels: np.ndarray) -> float:
-    """Mean softmax cross-entropy of a checked batch x (N, I) against class indices (N,)."""
-    return mean_loss(per_sample_losses(params, x, labels))
+def decay_term(layout: ParamLayout, params: dict[str, np.ndarray]) -> float:
+    """0.5 * lambda * sum(W_l ** 2), added layer by layer as the book adds it; 0.0 without
+    weight decay."""
+    if layout.weight_decay == 0.0:
+        return 0.0
+    total = 0.0
+    for layer in range(1, layout.depth + 1):
+        total += 0.5 * layout.weight_decay * sum_of_squares(params[f"W{layer}"].ravel())
+    return total
+
+
+def total_loss(layout: ParamLayout, params: dict[str, np.ndarray],
+               per_sample: np.ndarray) -> float:  # fmt: skip
+    """The loss from the per-sample losses (N,), wherever they were computed: their mean
+    (distnum.functions.mean_loss) plus the weight decay term."""
+    return mean_loss(per_sample) + decay_term(layout, params)
+
+
+def batch_loss(layout: ParamLayout, params: dict[str, np.ndarray], x: np.ndarray,
+               labels: np.ndarray) -> float:  # fmt: skip
+    """The loss of a checked batch x (N, I) against class indices (N,): the mean softmax
+    cross-entropy, plus the weight decay term."""
+    return total_loss(layout, params, per_sample_losses(layout, params, x, labels))
 
 
 def checked_inputs(layout: ParamLayout, x: np.ndarray) -> np.ndarray:
@@ -185,25 +265,48 @@ def checked_batch(
     return x, labels
 
 
-class TwoLayerNet:
-    """784-50-10 style network: affine, sigmoid, affine, softmax cross-entropy.
+def init_scale(weight_init_std: str | float, fan_in: int) -> float:
+    """The standard deviation of a layer's initial weights: "relu" or "he" sqrt(2 / fan_in),
+    "sigmoid" or "xavier" sqrt(1 / fan_in) (the book's 6.2), or the number given."""
+    if isinstance(weight_init_std, str):
+        named = {"relu": 2.0, "he": 2.0, "sigmoid": 1.0, "xavier": 1.0}
+        if weight_init_std.lower() not in named:
+            raise ValueError(f"weight_init_std {weight_init_std!r} is unknown; give 'relu' "
+                             "(He), 'sigmoid' (Xavier) or a number such as 0.01")  # fmt: skip
+        return float(np.sqrt(named[weight_init_std.lower()] / fan_in))
+    scale = float(weight_init_std)
+    if not (np.isfinite(scale) and scale > 0):
+        raise ValueError(f"weight_init_std {weight_init_std!r} must be finite and > 0")
+    return scale
 
-    All parameters live in `flat_params` (float64, `layout.size`); `params` holds views."""
+
+class MultiLayerNet:
+    """Chapter 6's network: (affine, activation) x L, affine, softmax cross-entropy, plus
+    0.5 * weight_decay_lambda * sum(W ** 2).
+
+    All parameters live in `flat_params` (float64, `layout.size`); `params` holds views
+    W1, b1, ..., W{L+1}, b{L+1}. Weights start as scale * standard normal draws from the
+    seed, layer by layer; biases at zero."""
 
     def __init__(
         self,
         input_size: int,
-        hidden_size: int,
+        hidden_size_list: Sequence[int],
         output_size: int,
-        weight_init_std: float = 0.01,
+        activation: str = "relu",
+        weight_init_std: str | float = "relu",
+        weight_decay_lambda: float = 0.0,
         seed: int | np.random.Generator | None = None,
     ) -> None:
-        self.layout = ParamLayout(input_size, hidden_size, output_size)
+        self.layout = ParamLayout(input_size, tuple(hidden_size_list), output_size, activation,
+                                  weight_decay_lambda)  # fmt: skip
         self.flat_params = np.zeros(self.layout.size, dtype=np.float64)
         self.params = ParamViews(self.layout.views(self.flat_params))
         rng = np.random.default_rng(seed)
-        self.params["W1"] = weight_init_std * rng.standard_normal((input_size, hidden_size))
-        self.params["W2"] = weight_init_std * rng.standard_normal((hidden_size, output_size))
+        for layer in range(1, self.layout.depth + 1):
+            shape = self.layout.shapes[f"W{layer}"]
+            scale = init_scale(weight_init_std, shape[0])
+            self.params[f"W{layer}"] = scale * rng.standard_normal(shape)
 
     def labels(self, t: np.ndarray) -> np.ndarray:
         """Class indices (N,) from labels given as indices or one-hot rows."""
@@ -211,17 +314,19 @@ class TwoLayerNet:
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Softmax probabilities (N, K) of a batch x (N, I)."""
-        return softmax(forward(self.params, checked_inputs(self.layout, x)).a2)
+        x = checked_inputs(self.layout, x)
+        return softmax(forward(self.layout, self.params, x).logits)
 
     def loss(self, x: np.ndarray, t: np.ndarray) -> float:
         """Mean softmax cross-entropy of x (N, I) against t, class indices (N,) or one-hot
-        rows (N, K); computed stably from the logits (log-sum-exp)."""
-        return batch_loss(self.params, *checked_batch(self.layout, x, t))
+        rows (N, K), computed stably from the logits (log-sum-exp); plus the weight decay."""
+        return batch_loss(self.layout, self.params, *checked_batch(self.layout, x, t))
 
     def accuracy(self, x: np.ndarray, t: np.ndarray) -> float:
         """The fraction of x (N, I) whose largest logit is its label's, t as for loss."""
         x, labels = checked_batch(self.layout, x, t)
-        return float(np.mean(np.argmax(forward(self.params, x).a2, axis=1) == labels))
+        logits = forward(self.layout, self.params, x).logits
+        return float(np.mean(np.argmax(logits, axis=1) == labels))
 
     def numerical_gradient(
         self, x: np.ndarray, t: np.ndarray, h: float = DEFAULT_H, engine: str = "fast"
@@ -241,16 +346,38 @@ class TwoLayerNet:
     def gradient(self, x: np.ndarray, t: np.ndarray) -> dict[str, np.ndarray]:
         """Analytic backprop gradient, the reference the numerical gradients are checked
         against; x and t as for loss. Returns arrays shaped like the params."""
-        x, labels = checked_batch(self.layout, x, t)
-        a1, z1, a2 = forward(self.params, x)
+        layout = self.layout
+        x, labels = checked_batch(layout, x, t)
+        inputs, pre = forward(layout, self.params, x)
         batch_size = x.shape[0]
-        dy = softmax(a2)
-        dy[np.arange(batch_size), labels] -= 1.0
-        dy /= batch_size
-        da1 = np.dot(dy, self.params["W2"].T) * z1 * (1.0 - z1)
-        return {
-            "W1": np.dot(x.T, da1),
-            "b1": np.sum(da1, axis=0),
-            "W2": np.dot(z1.T, dy),
-            "b2": np.sum(dy, axis=0),
-        }
+        delta = softmax(pre[-1])  # d loss / d a_l, from the top down
+        delta[np.arange(batch_size), labels] -= 1.0
+        delta /= batch_size
+        grads = {}
+        for layer in range(layout.depth, 0, -1):
+            W = self.params[f"W{layer}"]
+            grads[f"W{layer}"] = np.dot(inputs[layer - 1].T, delta)
+            if layout.weight_decay:
+                grads[f"W{layer}"] += layout.weight_decay * W
+            grads[f"b{layer}"] = np.sum(delta, axis=0)
+            if layer > 1:
+                z = inputs[layer - 1]
+                slope = z * (1.0 - z) if layout.activation == "sigmoid" else pre[layer - 2] > 0
+                delta = np.dot(delta, W.T) * slope
+        return {name: grads[name] for name in layout.names}
+
+
+class TwoLayerNet(MultiLayerNet):
+    """The chapter's 784-50-10 style network: affine, sigmoid, affine, softmax cross-entropy,
+    weights 0.01 * standard normal draws (W1, then W2)."""
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        output_size: int,
+        weight_init_std: float = 0.01,
+        seed: int | np.random.Generator | None = None,
+    ) -> None:
+        super().__init__(input_size, [hidden_size], output_size, "sigmoid", weight_init_std,
+                         seed=seed)  # fmt: skip

@@ -1,15 +1,17 @@
 """Splitting the flat parameter indices into shards of equal estimated cost.
 
-The fast engine's work is organised by hidden unit: a unit's W1 column, its b1 entry and
-its W2 row all start from the same unperturbed activations, and the nudged losses of one
-unit's W1 entries share their evaluations across pixels of equal value. So shards are cut
-from the indices taken unit by unit (W1[:, j], b1[j], W2[j, :] for j = 0, 1, ...; b2 last),
-at points of equal cumulative cost; a shard holds whole units except where a cut falls
-inside one.
+The fast engine's work is organised by hidden unit: a unit's incoming weights and its bias
+start from the same unperturbed activations, and the nudged losses of one unit's inputs
+share their evaluations across inputs of equal value. So shards are cut from the indices in
+the order the engine walks them, layer by layer and unit by unit (W_l[:, j], b_l[j]; for
+the last hidden layer also its outgoing row W_{L+1}[j, :]; b_{L+1} last), at points of
+equal cumulative cost; a shard holds whole units except where a cut falls inside one.
 
-Estimated costs: a W1 entry costs in proportion to the samples whose pixel is non-zero (for
-MNIST about 19 % on average, none at the borders); a b1 entry touches every sample; a W2 or
-b2 entry touches every sample too, at a lower cost per sample.
+Estimated cost of an index: the samples it touches times the work of one evaluation of its
+layer. A W1 entry touches the samples whose pixel is non-zero (for MNIST about 19 % on
+average, none at the borders), a deeper weight or a bias every sample (ReLU zeros are not
+known in advance); an evaluation in the last hidden layer costs FIRST_LAYER_COST, one below
+it that plus the layers above it recomputed, one in the output layer SECOND_LAYER_COST.
 """
 
 from __future__ import annotations
@@ -19,28 +21,46 @@ import numpy as np
 from distnum.models import ParamLayout
 
 # Relative cost per sample touched, measured with the fast engine on real MNIST batches:
-# a first-layer nudge evaluates a sigmoid and K exponentials per sign, a second-layer one
-# a single exponential.
+# a last-hidden-layer nudge evaluates an activation and K exponentials per sign, an
+# output-layer one a single exponential; FMAS_PER_EXP multiply-adds cost about one exp.
 FIRST_LAYER_COST = 1.0
 SECOND_LAYER_COST = 0.6
+FMAS_PER_EXP = 8.0
+
+
+def evaluation_cost(layout: ParamLayout, layer: int) -> float:
+    """The estimated cost of one nudged sample in hidden layer `layer` (1..L)."""
+    sizes = layout.sizes
+    above = sum(sizes[k] * sizes[k + 1] for k in range(layer + 1, layout.depth))
+    return FIRST_LAYER_COST * (1.0 + above / FMAS_PER_EXP / (layout.output_size + 1))
 
 
 def index_costs(layout: ParamLayout, pixel_density: np.ndarray) -> np.ndarray:
     """Estimated cost (layout.size,) of each flat index, given each pixel's fraction of
     non-zero values in the training set (input_size,)."""
-    slices = layout.slices
+    slices, sizes = layout.slices, layout.sizes
     costs = np.empty(layout.size)
-    costs[slices["W1"]] = FIRST_LAYER_COST * np.repeat(pixel_density, layout.hidden_size)
-    costs[slices["b1"]] = FIRST_LAYER_COST
-    costs[slices["W2"].start :] = SECOND_LAYER_COST
+    for layer in range(1, layout.depth):
+        cost = evaluation_cost(layout, layer)
+        density = pixel_density if layer == 1 else np.ones(sizes[layer - 1])
+        costs[slices[f"W{layer}"]] = cost * np.repeat(density, sizes[layer])
+        costs[slices[f"b{layer}"]] = cost
+    costs[slices[f"W{layout.depth}"].start :] = SECOND_LAYER_COST
     return costs
 
 
 def unit_major_order(layout: ParamLayout) -> np.ndarray:
-    """All flat indices, hidden unit by hidden unit: W1[:, j], b1[j], W2[j, :]; then b2."""
+    """All flat indices, layer by layer and unit by unit: W_l[:, j], b_l[j] (and for the
+    last hidden layer W_{L+1}[j, :]); then b_{L+1}."""
     views = layout.views(np.arange(layout.size, dtype=np.float64))
-    per_unit = np.hstack([views["W1"].T, views["b1"][:, None], views["W2"]])
-    return np.concatenate([per_unit.ravel(), views["b2"]]).astype(np.int64)
+    depth, parts = layout.depth, []
+    for layer in range(1, depth):
+        per_unit = [views[f"W{layer}"].T, views[f"b{layer}"][:, None]]
+        if layer == depth - 1:
+            per_unit.append(views[f"W{depth}"])
+        parts.append(np.hstack(per_unit).ravel())
+    parts.append(views[f"b{depth}"])
+    return np.concatenate(parts).astype(np.int64)
 
 
 def make_shards(

@@ -36,7 +36,7 @@ from distnum.data import has_all_files, load_mnist, locate
 from distnum.engines import ENGINES, EngineFactory
 from distnum.engines.base import one_blas_thread
 from distnum.gradient import DEFAULT_H
-from distnum.models import PARAM_NAMES, TwoLayerNet
+from distnum.models import TwoLayerNet
 from distnum.optimizers import OPTIMIZERS, make_optimizer
 from distnum.options import option, resume_hint
 from distnum.progress import live_bar
@@ -485,7 +485,7 @@ class Run:
         """params.npz and summary.json, each whole or not at all; returns the names
         written."""
         buffer = io.BytesIO()
-        np.savez(buffer, **{name: self.net.params[name] for name in PARAM_NAMES})
+        np.savez(buffer, **{name: self.net.params[name] for name in self.net.layout.names})
         outputs = {
             "params.npz": buffer.getvalue(),
             "summary.json": (json.dumps(summary, indent=2) + "\n").encode(),

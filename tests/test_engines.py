@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from distnum.engines import FastEngine, FullEngine, first_layer, make_engine
+from distnum.engines import FastEngine, FullEngine, make_engine
+from distnum.engines.sample_values import input_entries
 from distnum.gradcheck import sample_indices, train_with_backprop
 from distnum.models import TwoLayerNet
 
@@ -62,7 +63,7 @@ def test_shards_give_the_same_bits(net, mnist_batch, partition):
     layout = net.layout
     whole = FastEngine(layout, all_indices(net))(net.flat_params, x, t, H)
     gathered = np.full(layout.size, np.nan)
-    shards = shard_partitions(layout.size, layout.hidden_size)[partition]
+    shards = shard_partitions(layout.size, layout.hidden_sizes[0])[partition]
     for shard in shards:
         gathered[shard] = FastEngine(layout, shard)(net.flat_params, x, t, H)
     assert np.array_equal(gathered, whole)
@@ -131,7 +132,7 @@ def test_input_entries_give_each_samples_distinct_values_once():
     rng = np.random.default_rng(3)
     x = rng.choice([0.0, 0.0, 0.0, 1.0, 0.5, 1 / 255, 7.25, -3.0], size=(9, 40))
     x[4] = 0.0  # a blank image: the bias entry alone
-    entries = first_layer.input_entries(x)
+    entries = input_entries(x)
     pixel_of = np.repeat(np.arange(41), np.diff(entries.pixel_start))
     assert list(entries.pixel_start[[0, -1]]) == [0, np.count_nonzero(x) + 9]
     # each entry's value and sample are those of its pixel; the bias is 1.0
@@ -149,13 +150,14 @@ def test_input_entries_give_each_samples_distinct_values_once():
 def test_work_counts_what_the_fast_engine_evaluates(net, mnist_batch):
     x, _ = mnist_batch
     layout = net.layout
-    hidden, classes, batch = layout.hidden_size, layout.output_size, len(x)
-    values = first_layer.input_entries(x).value.size  # distinct (sample, value) pairs
+    (hidden,), classes, batch = layout.hidden_sizes, layout.output_size, len(x)
+    values = input_entries(x).value.size  # distinct (sample, value) pairs
     first, second = 2 * hidden * values, 2 * (hidden + 1) * classes * batch
-    whole = FastEngine(layout, np.arange(layout.size)).work(x)
+    whole = FastEngine(layout, np.arange(layout.size)).work(net.flat_params, x)
     assert whole == {"nudged_losses": first + second, "exp": first * (classes + 1) + second,
                      "log": first + second}  # fmt: skip
     # W1[:, 0] cut in two: each half evaluates the sample values its pixels need
     column = np.arange(layout.input_size) * hidden
-    halves = [FastEngine(layout, half).work(x)["nudged_losses"] for half in np.split(column, 2)]
+    halves = [FastEngine(layout, half).work(net.flat_params, x)["nudged_losses"]
+              for half in np.split(column, 2)]  # fmt: skip
     assert 2 * values < sum(halves) < 4 * values

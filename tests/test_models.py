@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from distnum.functions import softmax
-from distnum.models import PARAM_NAMES, TwoLayerNet
+from distnum.models import TwoLayerNet
 
 
 def max_relative_error(a: np.ndarray, b: np.ndarray) -> float:
@@ -14,9 +14,9 @@ def max_relative_error(a: np.ndarray, b: np.ndarray) -> float:
 def test_params_are_views_of_one_flat_float64_vector():
     net = TwoLayerNet(784, 50, 10, seed=0)
     assert net.flat_params.dtype == np.float64 and net.flat_params.shape == (39760,)
-    shapes = {name: net.params[name].shape for name in PARAM_NAMES}
+    shapes = {name: net.params[name].shape for name in net.layout.names}
     assert shapes == {"W1": (784, 50), "b1": (50,), "W2": (50, 10), "b2": (10,)}
-    for name in PARAM_NAMES:
+    for name in net.layout.names:
         assert np.shares_memory(net.params[name], net.flat_params)
     net.params["W1"][3, 7] = 42.0  # a write through a view lands in the vector ...
     assert net.flat_params[3 * 50 + 7] == 42.0
@@ -66,7 +66,7 @@ def test_small_net_numerical_gradient_matches_backprop():
     before = net.flat_params.copy()
     numerical, analytic = net.numerical_gradient(x, t), net.gradient(x, t)
     assert np.array_equal(net.flat_params, before)
-    for name in PARAM_NAMES:
+    for name in net.layout.names:
         assert numerical[name].shape == net.params[name].shape
         assert max_relative_error(numerical[name], analytic[name]) < 1e-7
 
@@ -75,5 +75,5 @@ def test_mnist_numerical_gradient_matches_backprop(mnist_batch):
     x, t = mnist_batch
     net = TwoLayerNet(784, 50, 10, seed=0)
     numerical, analytic = net.numerical_gradient(x, t), net.gradient(x, t)
-    for name in PARAM_NAMES:
+    for name in net.layout.names:
         assert max_relative_error(numerical[name], analytic[name]) <= 1e-6, name

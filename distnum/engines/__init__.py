@@ -1,11 +1,13 @@
-"""Engines: the central differences g_k = (L(theta + h e_k) - L(theta - h e_k)) / 2h of
-TwoLayerNet's mean loss over a set of flat parameter indices (a shard), as that shard's slice.
+"""Engines: the central differences g_k = (L(theta + h e_k) - L(theta - h e_k)) / 2h of a
+network's loss over a set of flat parameter indices (a shard), as that shard's slice.
 
-    full.py          the literal algorithm: one complete forward pass per nudge
-    fast.py          the same numbers, each nudged loss evaluated reusing what the nudge
-                     leaves alone; its kernels:
-      first_layer.py   the nudges of W1 and b1
-      second_layer.py  the nudges of W2 and b2
+    full.py                  the literal algorithm: one complete forward pass per nudge
+    fast.py                  the same numbers, each nudged loss evaluated reusing what the
+                             nudge leaves alone; its kernels:
+      sample_values.py         the distinct (sample, input value) pairs a layer's nudges need
+      lower_hidden_layers.py   nudges of hidden layers below the last
+      last_hidden_layer.py     nudges of the last hidden layer (the chapter's W1 and b1)
+      output_layer.py          nudges of the output layer (the chapter's W2 and b2)
 
 Both start from distnum.models.forward and the loss of distnum.functions, whose arithmetic
 (with distnum/vecmath.py's exp and log) has one fixed order on every CPU: so has theirs.

@@ -1,19 +1,40 @@
 """The fast engine: the same central differences as the full one, each nudged loss
-evaluated by reusing everything the nudge leaves alone (DESIGN.md section 3).
+evaluated by reusing everything the nudge leaves alone (DESIGN.md sections 3 and 10).
 
-Per call: one unperturbed forward pass, then first_layer.py evaluates the nudges of W1 and
-b1 and second_layer.py those of W2 and b2, each over only the indices of the shard.
+Per call: one unperturbed forward pass, then, over only the indices of the shard, the
+kernel of each layer the shard's indices fall in:
+    lower_hidden_layers.py  a hidden layer below the last: its unit, and every layer above
+    last_hidden_layer.py    the last hidden layer (W1, b1 of the chapter's net): its unit,
+                            and the logits by d * W_{L+1}[j, :]
+    output_layer.py         the output layer (W2, b2 of the chapter's net): one logit column
+The weight decay term changes only in the nudged weight's square; that one term is
+evaluated at both nudges, the others are equal and cancel.
 """
 
 from __future__ import annotations
 
-import numpy as np
+from typing import NamedTuple
 
-from distnum.engines import first_layer, second_layer
+import numpy as np
+from numba.typed import List
+
+from distnum.engines import last_hidden_layer, lower_hidden_layers, output_layer
 from distnum.engines.base import checked_indices, checked_params
+from distnum.engines.sample_values import input_entries
 from distnum.functions import shifted_logits
 from distnum.gradient import check_h
 from distnum.models import ParamLayout, checked_batch, forward
+
+
+class HiddenRequests(NamedTuple):
+    """A shard's indices in hidden layer `layer` (1..L), grouped by unit: unit j's are
+    pixel[unit_start[j]:unit_start[j + 1]] (W_l[i, j] as input i, b_l[j] as input n_{l-1}),
+    their positions in the shard slot[...] likewise."""
+
+    layer: int
+    unit_start: np.ndarray
+    pixel: np.ndarray
+    slot: np.ndarray
 
 
 class FastEngine:
@@ -25,56 +46,95 @@ class FastEngine:
         self.layout = layout
         indices = checked_indices(layout, indices)
         self.size = indices.size
-        hidden_size, w2_start = layout.hidden_size, layout.slices["W2"].start
-        # W1[i, j] is flat i * H + j; b1[j] follows W1 and so reads as "pixel I" of unit j
-        first = np.flatnonzero(indices < w2_start)
-        pixel, unit = np.divmod(indices[first], hidden_size)
-        order = np.lexsort((pixel, unit))
-        self.unit_start = np.searchsorted(unit[order], np.arange(hidden_size + 1))
-        self.first_pixel, self.first_slot = pixel[order], first[order]
-        # W2[j, c] is flat W2.start + j * K + c; b2[c] follows W2 and so reads as "unit H"
-        self.second_slot = np.flatnonzero(indices >= w2_start)
-        self.second_unit, self.second_class = np.divmod(
-            indices[self.second_slot] - w2_start, layout.output_size
+        slices, sizes = layout.slices, layout.sizes
+        self.hidden = []
+        for layer in range(1, layout.depth):
+            start, stop = slices[f"W{layer}"].start, slices[f"b{layer}"].stop
+            slot = np.flatnonzero((indices >= start) & (indices < stop))
+            if slot.size:
+                pixel, unit = np.divmod(indices[slot] - start, sizes[layer])
+                order = np.lexsort((pixel, unit))
+                unit_start = np.searchsorted(unit[order], np.arange(sizes[layer] + 1))
+                self.hidden.append(HiddenRequests(layer, unit_start, pixel[order], slot[order]))
+        # W_{L+1}[j, c] is flat start + j * K + c; b_{L+1}[c] reads as "unit n_L"
+        output_start = slices[f"W{layout.depth}"].start
+        self.output_slot = np.flatnonzero(indices >= output_start)
+        self.output_unit, self.output_class = np.divmod(
+            indices[self.output_slot] - output_start, layout.output_size
         )
+        weights = np.zeros(layout.size, dtype=np.bool_)
+        for layer in range(1, layout.depth + 1):
+            weights[slices[f"W{layer}"]] = True
+        self.weight_slot = np.flatnonzero(weights[indices])
+        self.weight_index = indices[self.weight_slot]
 
-    def work(self, x: np.ndarray) -> dict[str, int]:
-        """What one call on the batch x (B, I) evaluates: nudged per-sample losses, exp
-        (the sigmoid's included) and log. A first-layer nudge of unit j is evaluated once
-        per sample value its shard's pixels need, then costs K + 1 exp and one log; a
-        second-layer one once per sample, one exp and one log."""
-        entries = first_layer.input_entries(np.ascontiguousarray(x, dtype=np.float64))
-        first = 0
-        for j in range(self.layout.hidden_size):
-            pixels = self.first_pixel[self.unit_start[j] : self.unit_start[j + 1]]
-            if pixels.size:
-                ranges = [entries.value_id[entries.pixel_start[i] : entries.pixel_start[i + 1]]
-                          for i in pixels]  # fmt: skip
-                first += 2 * np.unique(np.concatenate(ranges)).size
-        second = 2 * self.second_slot.size * x.shape[0]
-        classes = self.layout.output_size
-        return {"nudged_losses": first + second, "exp": first * (classes + 1) + second,
-                "log": first + second}  # fmt: skip
+    def work(self, flat: np.ndarray, x: np.ndarray) -> dict[str, int]:
+        """What one call at the parameters flat on the batch x (B, I) evaluates at most (a
+        lower layer's unit that stays put is skipped): nudged per-sample losses, exp (the
+        sigmoid's included) and log. A hidden-layer nudge of unit j is evaluated once per
+        sample value its shard's inputs need; an output-layer one once per sample, one exp
+        and one log."""
+        layout, batch = self.layout, np.ascontiguousarray(x, dtype=np.float64)
+        inputs = forward(layout, layout.views(checked_params(flat)), batch).inputs
+        sigmoid = layout.activation == "sigmoid"
+        hidden = exp_count = 0
+        for requests in self.hidden:
+            entries = input_entries(inputs[requests.layer - 1])
+            evaluated = 0
+            for j in range(requests.unit_start.size - 1):
+                pixels = requests.pixel[requests.unit_start[j] : requests.unit_start[j + 1]]
+                if pixels.size:
+                    ranges = [entries.value_id[entries.pixel_start[i] : entries.pixel_start[i + 1]]
+                              for i in pixels]  # fmt: skip
+                    evaluated += 2 * np.unique(np.concatenate(ranges)).size
+            above = layout.sizes[requests.layer + 1 : layout.depth]  # the hidden layers above
+            activations = 1 + sum(above) if sigmoid else 0
+            hidden += evaluated
+            exp_count += evaluated * (layout.output_size + activations)
+        output = 2 * self.output_slot.size * x.shape[0]
+        return {"nudged_losses": hidden + output, "exp": exp_count + output,
+                "log": hidden + output}  # fmt: skip
 
     def __call__(self, flat: np.ndarray, x: np.ndarray, labels: np.ndarray, h: float) -> np.ndarray:
         """g (len(indices),) for the parameters flat (layout.size,), a batch x (B, I) and its
         labels, class indices (B,) or one-hot rows (B, K)."""
         h = check_h(h)
-        params = self.layout.views(checked_params(flat))
-        x, labels = checked_batch(self.layout, x, labels)
-        a1, z1, a2 = forward(params, x)  # the one forward pass the nudges start from
-        shifted = shifted_logits(a2)
+        layout = self.layout
+        params = layout.views(checked_params(flat))
+        x, labels = checked_batch(layout, x, labels)
+        inputs, pre = forward(layout, params, x)  # the one forward pass the nudges start from
+        shifted = shifted_logits(pre[-1])
+        relu = layout.activation == "relu"
+        depth = layout.depth
         sums = np.zeros(self.size)
-        if self.first_slot.size:
-            first_layer.loss_differences(
-                self.unit_start, self.first_pixel, self.first_slot,
-                *first_layer.input_entries(x),
-                a1, z1, shifted, labels, params["W2"], h, sums,
-            )  # fmt: skip
-        if self.second_slot.size:
-            second_sums = np.empty(self.second_slot.size)
-            second_layer.loss_differences(
-                self.second_unit, self.second_class, z1, shifted, labels, h, second_sums
+        for requests in self.hidden:
+            layer = requests.layer
+            common = (requests.unit_start, requests.pixel, requests.slot,
+                      *input_entries(inputs[layer - 1]), pre[layer - 1], inputs[layer])  # fmt: skip
+            if layer == depth - 1:
+                last_hidden_layer.loss_differences(
+                    *common, shifted, labels, params[f"W{depth}"], relu, h, sums
+                )
+            else:
+                above = range(layer + 1, depth)
+                lower_hidden_layers.loss_differences(
+                    *common,
+                    List([params[f"W{k}"] for k in range(layer + 1, depth + 1)]),
+                    List([np.ascontiguousarray(pre[k - 1].T) for k in above]),
+                    List([np.ascontiguousarray(inputs[k].T) for k in above]),
+                    np.ascontiguousarray(shifted.T), labels, relu, h, sums,
+                )  # fmt: skip
+        if self.output_slot.size:
+            output_sums = np.empty(self.output_slot.size)
+            output_layer.loss_differences(
+                self.output_unit, self.output_class, inputs[-1], shifted, labels, h, output_sums
             )
-            sums[self.second_slot] = second_sums
-        return sums / (2.0 * h * x.shape[0])
+            sums[self.output_slot] = output_sums
+        gradient = sums / (2.0 * h * x.shape[0])
+        if layout.weight_decay and self.weight_slot.size:
+            half_decay = 0.5 * layout.weight_decay
+            w = flat[self.weight_index]
+            plus, minus = w + h, w - h  # the nudged weights, as the full engine makes them
+            nudged_terms = half_decay * (plus * plus) - half_decay * (minus * minus)
+            gradient[self.weight_slot] += nudged_terms / (2.0 * h)
+        return gradient

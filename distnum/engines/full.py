@@ -23,4 +23,7 @@ class FullEngine:
         x, labels = checked_batch(self.layout, x, labels)
         nudged = checked_params(flat).copy()  # a private copy: flat may be read-only
         params = self.layout.views(nudged)
-        return central_differences(lambda _: batch_loss(params, x, labels), nudged, self.indices, h)
+        layout = self.layout
+        return central_differences(
+            lambda _: batch_loss(layout, params, x, labels), nudged, self.indices, h
+        )

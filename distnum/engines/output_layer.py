@@ -1,7 +1,8 @@
-"""Nudges of W2 and b2: what one nudge changes is one logit column.
+"""Nudges of the output layer (W2 and b2 of the chapter's net): what one nudge changes is
+one logit column.
 
-Nudging W2[j, c] by s moves a2[:, c] by s * z1[:, j] (b2[c]: by s), for every sample, and
-nothing else. The kernel really evaluates each nudged per-sample loss,
+Nudging W_{L+1}[j, c] by s moves the logits a[:, c] by s * z_L[:, j] (b_{L+1}[c]: by s),
+for every sample, and nothing else. The kernel really evaluates each nudged per-sample loss,
 l_n = log(rest[n, c] + exp(a2'[n, c] - max_n)) - (a2'[n, t_n] - max_n), where
 rest[n, c] = sum over k != c of exp(a2[n, k] - max_n) is what the nudge leaves alone.
 """
@@ -16,8 +17,9 @@ from distnum.vecmath import JIT, exp, fma, log
 
 @numba.njit(**JIT)
 def loss_differences(req_unit, req_class, z1, shifted_logits, labels, h, out):
-    """out[r] = sum over samples of l_n(+h) - l_n(-h) for W2[req_unit[r], req_class[r]];
-    req_unit == H stands for b2 (an input of 1 for every sample)."""
+    """out[r] = sum over samples of l_n(+h) - l_n(-h) for W_{L+1}[req_unit[r], req_class[r]],
+    z1 (B, H) the last hidden layer's z_L; req_unit == H stands for b_{L+1} (an input of 1
+    for every sample)."""
     batch_size, num_classes = shifted_logits.shape
     hidden_size = z1.shape[1]
     # by column, so that the per-sample loops below are contiguous

@@ -1,0 +1,118 @@
+"""Nudges of a hidden layer below the last (W1 and b1 of 784-100-100-10): what one nudge
+changes is one unit of its layer, for some samples, and every layer above it, for those.
+
+Nudging W_l[i, j] by s changes z_l[n, j] by some d, only for the sample values of
+sample_values.py; the next layer's pre-activations then move by d * W_{l+1}[j, :], and
+each layer above is recomputed for that sample from the change below it (a unit whose
+output does not move adds nothing), up to the logits. Where z_l[n, j] stays put under both
+nudges (a ReLU unit at zero, or a saturated sigmoid) the nudged network equals the
+unnudged one on that sample: its l_n(+h) - l_n(-h) is exactly 0, not an approximation, and
+is not evaluated. The others are, each once per sign, as the loss is defined:
+    l_n = log(sum_k exp(a'[n, k] - max_n)) - (a'[n, t_n] - max_n).
+The samples are taken in blocks of BLOCK sample values, so that a block's changes stay in
+cache while every layer above is recomputed.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from distnum.engines.last_hidden_layer import activate
+from distnum.engines.sample_values import add_differences, needed_values
+from distnum.vecmath import JIT, exp, fma, log
+
+BLOCK = 128
+
+
+@numba.njit(**JIT)
+def loss_differences(
+    unit_start, req_pixel, req_slot, pixel_start, value_id, value_sample, value,
+    pre, post, weights, pre_above, post_above, shifted_logits, labels, relu, h, out,
+):  # fmt: skip
+    """out[slot] = sum over the entries of (pixel, unit) of l_n(+h) - l_n(-h).
+
+    The requests (pixel, slot) for unit j are req_*[unit_start[j]:unit_start[j+1]]; pre,
+    post (B, n_l) are the nudged layer's a_l and z_l; weights W_{l+1}, ..., W_{L+1}; pre_above
+    and post_above a_k and z_k transposed (n_k, B) for k = l+1..L; shifted_logits
+    transposed (K, B); labels (B,); relu whether the activation is ReLU (else the sigmoid)."""
+    num_values = value.size
+    widest = 0
+    for layer in range(len(weights)):
+        widest = max(widest, weights[layer].shape[1])
+    needed = np.zeros(num_values, dtype=np.bool_)
+    chosen = np.empty(num_values, dtype=np.int64)
+    moving = np.empty(num_values, dtype=np.int64)
+    change_plus = np.empty(num_values)
+    change_minus = np.empty(num_values)
+    difference = np.empty(num_values)
+    change = np.empty((widest, BLOCK))
+    change_next = np.empty((widest, BLOCK))
+    sample = np.empty(BLOCK, dtype=np.int64)
+    d = np.empty(BLOCK)
+    acc = np.empty(BLOCK)
+    total = np.empty(BLOCK)
+    target = np.empty(BLOCK)
+    loss_plus = np.empty(BLOCK)
+    output_weights = weights[len(weights) - 1]
+    for j in range(unit_start.size - 1):
+        first, stop = unit_start[j], unit_start[j + 1]
+        if first == stop:
+            continue
+        count = needed_values(first, stop, req_pixel, pixel_start, value_id, needed, chosen)
+        moved = 0
+        for q in range(count):  # the forward pass's activation, of the nudged a_l[n, j]
+            v = chosen[q]
+            n = value_sample[v]
+            plus = activate(fma(h, value[v], pre[n, j]), relu) - post[n, j]
+            minus = activate(fma(-h, value[v], pre[n, j]), relu) - post[n, j]
+            difference[v] = 0.0
+            if plus != 0.0 or minus != 0.0:
+                moving[moved], change_plus[moved], change_minus[moved] = v, plus, minus
+                moved += 1
+        for block in range(0, moved, BLOCK):
+            size = min(BLOCK, moved - block)
+            for q in range(size):
+                sample[q] = value_sample[moving[block + q]]
+            for sign in (1.0, -1.0):
+                source = change_plus if sign > 0 else change_minus
+                for q in range(size):
+                    d[q] = source[block + q]
+                W, A, Z = weights[0], pre_above[0], post_above[0]
+                for m in range(W.shape[1]):  # the layer above: a_{l+1} moves by d * W_{l+1}[j]
+                    w = W[j, m]
+                    for q in range(size):
+                        n = sample[q]
+                        change[m, q] = activate(fma(d[q], w, A[m, n]), relu) - Z[m, n]
+                for layer in range(1, len(weights) - 1):  # each layer above that
+                    W, A, Z = weights[layer], pre_above[layer], post_above[layer]
+                    for p in range(W.shape[1]):
+                        for q in range(size):
+                            acc[q] = A[p, sample[q]]
+                        for m in range(W.shape[0]):
+                            w = W[m, p]
+                            for q in range(size):
+                                acc[q] = fma(change[m, q], w, acc[q])
+                        for q in range(size):
+                            change_next[p, q] = activate(acc[q], relu) - Z[p, sample[q]]
+                    change, change_next = change_next, change
+                for q in range(size):
+                    total[q] = 0.0
+                for k in range(output_weights.shape[1]):  # the sum over k in order 0..K-1
+                    for q in range(size):
+                        acc[q] = shifted_logits[k, sample[q]]
+                    for m in range(output_weights.shape[0]):
+                        w = output_weights[m, k]
+                        for q in range(size):
+                            acc[q] = fma(change[m, q], w, acc[q])
+                    for q in range(size):
+                        total[q] += exp(acc[q])
+                        if labels[sample[q]] == k:
+                            target[q] = acc[q]
+                for q in range(size):
+                    loss = log(total[q]) - target[q]
+                    if sign > 0:
+                        loss_plus[q] = loss
+                    else:
+                        difference[moving[block + q]] = loss_plus[q] - loss
+        add_differences(first, stop, req_pixel, req_slot, pixel_start, value_id, difference, out)
