@@ -13,7 +13,7 @@ import numpy as np
 
 from distnum.engines import EngineFactory, FastEngine, FullEngine
 from distnum.engines.base import one_blas_thread
-from distnum.models import TwoLayerNet
+from distnum.models import MultiLayerNet, ParamLayout
 from distnum.vecmath import exp_array, log_array
 
 
@@ -26,15 +26,22 @@ def median_seconds(call: Callable[[], object], repeat: int) -> float:
     return float(np.median(times))
 
 
-def fast_gradient_peak_rss_mb(
-    x: np.ndarray, labels: np.ndarray, hidden: int, seed: int, h: float
-) -> float:
+def whole_gradient(layout: ParamLayout, flat: np.ndarray, x: np.ndarray, labels: np.ndarray,
+                   h: float) -> Callable[[], np.ndarray]:  # fmt: skip
+    """A call that computes the fast engine's whole gradient at flat on x, compiled (or
+    loaded from numba's cache) already: what the timings below time."""
+    engine = FastEngine(layout, np.arange(layout.size))
+    engine(flat, x, labels, h)
+    return lambda: engine(flat, x, labels, h)
+
+
+def fast_gradient_peak_rss_mb(layout: ParamLayout, flat: np.ndarray, x: np.ndarray,
+                              labels: np.ndarray, h: float) -> float:  # fmt: skip
     """Peak resident memory (MB) of a fresh process that computes fast gradients of x:
     the interpreter, numpy and numba included, so an upper bound on the engine's own."""
-    net = TwoLayerNet(x.shape[1], hidden, 10, seed=seed)
-    engine = FastEngine(net.layout, np.arange(net.layout.size))
-    for _ in range(3):
-        engine(net.flat_params, x, labels, h)
+    gradient = whole_gradient(layout, flat, x, labels, h)
+    for _ in range(2):
+        gradient()
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent through exec
     with open("/proc/self/status") as status:
         for line in status:
@@ -50,18 +57,15 @@ def seconds_per_element(function: Callable[[np.ndarray], np.ndarray], x: np.ndar
 
 
 def bench_engines(
-    x: np.ndarray, labels: np.ndarray, hidden: int, seed: int, h: float,
+    x: np.ndarray, labels: np.ndarray, net: MultiLayerNet, seed: int, h: float,
     full_sample: int, repeat: int,
 ) -> dict[str, float]:  # fmt: skip
     """One row of the table: full (extrapolated from full_sample timed coordinates), fast
-    and backprop seconds per gradient of the batch, on the same weights."""
-    net = TwoLayerNet(x.shape[1], hidden, 10, seed=seed)
-    size = net.layout.size
-    fast = FastEngine(net.layout, np.arange(size))
-    fast(net.flat_params, x, labels, h)  # compiles the kernels, or loads them from the cache
-    fast_s = median_seconds(lambda: fast(net.flat_params, x, labels, h), repeat)
+    and backprop seconds per gradient of the batch, at net's weights."""
+    layout, size = net.layout, net.layout.size
+    fast_s = median_seconds(whole_gradient(layout, net.flat_params, x, labels, h), repeat)
     # the floor: the exp and log the fast engine evaluates, at their own speed in a tight loop
-    work = fast.work(net.flat_params, x)
+    work = FastEngine(layout, np.arange(size)).work(net.flat_params, x)
     arguments = np.random.default_rng(seed).uniform(-8.0, 8.0, 4096)
     exp_s = seconds_per_element(exp_array, arguments)
     log_s = seconds_per_element(log_array, np.exp(arguments))
@@ -76,9 +80,11 @@ def bench_engines(
     with concurrent.futures.ProcessPoolExecutor(
         1, mp_context=multiprocessing.get_context("spawn")
     ) as child:
-        peak_mb = child.submit(fast_gradient_peak_rss_mb, x, labels, hidden, seed, h).result()
+        peak = child.submit(fast_gradient_peak_rss_mb, layout, net.flat_params, x, labels, h)
+        peak_mb = peak.result()
     return {
-        "hidden": hidden,
+        "hidden": layout.hidden,
+        "architecture": layout.describe(),
         "params": size,
         "batch_size": x.shape[0],
         "full_s": full_s,
@@ -99,14 +105,20 @@ def bench_engines(
     }
 
 
+def hidden_label(row: dict) -> str:
+    """A row's hidden sizes as the table shows them: 50, or 100-100."""
+    hidden = row["hidden"]
+    return "-".join(map(str, hidden)) if isinstance(hidden, list) else str(hidden)
+
+
 def format_engine_rows(rows: list[dict[str, float]]) -> str:
     lines = [
-        f"{'hidden':>6} {'params':>8} {'full s/grad':>12} {'fast s/grad':>12} "
+        f"{'hidden':>9} {'params':>8} {'full s/grad':>12} {'fast s/grad':>12} "
         f"{'backprop s':>11} {'full/fast':>10} {'fast/backprop':>14} {'fast peak MB':>13}"
     ]
     for r in rows:
         lines.append(
-            f"{r['hidden']:>6} {r['params']:>8} {r['full_s']:>11.2f}* {r['fast_s']:>12.4f} "
+            f"{hidden_label(r):>9} {r['params']:>8} {r['full_s']:>11.2f}* {r['fast_s']:>12.4f} "
             f"{r['backprop_s']:>11.5f} {r['full_over_fast']:>10.0f} "
             f"{r['fast_over_backprop']:>14.1f} {r['fast_peak_rss_mb']:>13.0f}"
         )
@@ -116,13 +128,13 @@ def format_engine_rows(rows: list[dict[str, float]]) -> str:
         "computing fast gradients, interpreter included."
     )
     lines.append(
-        f"\nthe fast engine against its floor, per gradient:\n{'hidden':>6} "
+        f"\nthe fast engine against its floor, per gradient:\n{'hidden':>9} "
         f"{'nudged losses':>14} {'exp':>11} {'log':>10} {'ns/nudged':>10} {'exp ns':>7} "
         f"{'log ns':>7} {'floor s':>8} {'fast/floor':>11}"
     )
     for r in rows:
         lines.append(
-            f"{r['hidden']:>6} {r['nudged_losses']:>14,} {r['exp']:>11,} {r['log']:>10,} "
+            f"{hidden_label(r):>9} {r['nudged_losses']:>14,} {r['exp']:>11,} {r['log']:>10,} "
             f"{r['ns_per_nudged_loss']:>10.1f} {r['exp_ns']:>7.2f} {r['log_ns']:>7.2f} "
             f"{r['floor_s']:>8.4f} {r['fast_over_floor']:>11.2f}"
         )
@@ -147,7 +159,7 @@ class IdleEngine:
 
 def bench_workers(
     x_train: np.ndarray, t_train: np.ndarray, worker_counts: list[int], steps: int,
-    hidden: int, seed: int, h: float, batch_size: int = 100, lr: float = 0.1,
+    net: MultiLayerNet, seed: int, h: float, batch_size: int = 100, lr: float = 0.1,
     engine: str | EngineFactory = "fast", nodes: list[str] | None = None,
 ) -> list[dict[str, float]]:  # fmt: skip
     """Training steps (gradient over Ray with the previous step's loss, SGD update) with
@@ -158,7 +170,6 @@ def bench_workers(
     from each other host per step, on average."""
     from distnum.distributed import ShardedGradient, cluster_nodes
 
-    net = TwoLayerNet(x_train.shape[1], hidden, 10, seed=seed)
     nodes = nodes or cluster_nodes()
     rows = []
     for count in worker_counts:
@@ -189,7 +200,8 @@ def bench_workers(
         step_s, compute_s = np.array(step_s), np.array(compute_s)
         rows.append({
             "workers": count,
-            "hidden": hidden,
+            "hidden": net.layout.hidden,
+            "architecture": net.layout.describe(),
             "params": net.layout.size,
             "steps": steps,
             "steps_per_s": float(1 / np.median(step_s)),

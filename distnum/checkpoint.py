@@ -236,6 +236,9 @@ def load(path: Path, step: int, check: Callable[[Checkpoint], None]) -> Checkpoi
     # only state is the count of its updates, one per step
     before_optimizers = "optimizer" not in manifest["settings"]
     manifest["settings"].setdefault("optimizer", "sgd")
+    # and one written before MultiLayerNet: its net was the chapter's, sigmoid, no decay
+    manifest["settings"].setdefault("activation", "sigmoid")
+    manifest["settings"].setdefault("weight_decay", 0.0)
     if manifest["step"] != step or not 0 <= step <= MAX_STEP:
         raise damaged(f"step {manifest['step']} does not match its name")
     if manifest["data"] != f"{stem(step)}.npz":

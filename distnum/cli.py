@@ -58,6 +58,59 @@ def step_size(text: str) -> float:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def init_std(text: str) -> float | str:
+    """--weight-init-std: a number (checked with the other settings), or relu (He) or
+    sigmoid (Xavier)."""
+    from distnum.models import INIT_NAMES
+
+    if text.lower() in INIT_NAMES:
+        return text.lower()
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number nor one of "
+                                         f"{', '.join(INIT_NAMES)}") from None  # fmt: skip
+
+
+def add_architecture_options(parser: argparse.ArgumentParser, defaults: dict | None,
+                             tail: str = "") -> None:  # fmt: skip
+    """--hidden, --activation, --weight-decay, --weight-init-std: the network, chapter 4's
+    784-50-10 sigmoid net unless told otherwise. defaults None: left as None (train
+    resolves them, a resumed run keeping its own); tail ends each default's text."""
+    from distnum.models import ACTIVATIONS
+
+    options = (
+        ("hidden", {"type": positive_int, "nargs": "+", "metavar": "N"},
+         "hidden units, one number per hidden layer: 50 (the chapter's), 100 100 (chapter 6's)",
+         "50"),
+        ("activation", {"choices": list(ACTIVATIONS)}, "the hidden layers' activation",
+         "sigmoid"),
+        ("weight-decay", {"type": float, "metavar": "LAMBDA"},
+         "the loss adds 0.5 * LAMBDA * sum(W ** 2), as chapter 6's MultiLayerNet", "0"),
+        ("weight-init-std", {"type": init_std, "metavar": "STD"},
+         "initial weights' scale: a number, relu (He) or sigmoid (Xavier)",
+         "0.01 for sigmoid, relu for relu"),
+    )  # fmt: skip
+    for name, kind, text, shown in options:
+        if defaults is not None:
+            kind = {**kind, "default": defaults[name.replace("-", "_")]}
+        parser.add_argument(f"--{name}", help=f"{text} (default {shown}{tail})", **kind)
+
+
+def net_from_args(args: argparse.Namespace, input_size: int, hidden: list[int] | None = None):
+    """The MultiLayerNet the architecture options describe (with other hidden sizes, if
+    given), seeded by --seed."""
+    from distnum.models import MultiLayerNet, default_init_std
+    from distnum.training import ConfigError
+
+    std = args.weight_init_std or default_init_std(args.activation)
+    try:
+        return MultiLayerNet(input_size, hidden or args.hidden, 10, args.activation, std,
+                             args.weight_decay, seed=args.seed)  # fmt: skip
+    except ValueError as error:  # the message names the value and what to give
+        raise ConfigError(str(error)) from None
+
+
 def add_batch_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data-dir",
@@ -65,7 +118,8 @@ def add_batch_options(parser: argparse.ArgumentParser) -> None:
         "DISTNUM_DATA, then the cache, then a download)",
     )
     parser.add_argument("--batch-size", type=positive_int, default=100)
-    parser.add_argument("--hidden", type=positive_int, default=50, help="hidden units")
+    add_architecture_options(parser, {"hidden": [50], "activation": "sigmoid",
+                                      "weight_decay": 0.0, "weight_init_std": None})  # fmt: skip
     parser.add_argument("--seed", type=whole_number(0), default=0, help="weights and batch")
     parser.add_argument("--h", type=step_size, default=1e-4, help="the nudge")
     parser.add_argument(
@@ -97,15 +151,14 @@ def run_gradcheck(args: argparse.Namespace) -> int:
     import numpy as np
 
     from distnum.gradcheck import compare, train_with_backprop
-    from distnum.models import TwoLayerNet
 
     x, labels, x_train, t_train = real_batch(args)
     rng = np.random.default_rng(args.seed)
-    net = TwoLayerNet(x.shape[1], args.hidden, 10, seed=args.seed)
+    net = net_from_args(args, x.shape[1])
     train_with_backprop(net, x_train, t_train, args.train_steps, rng)
     report = compare(net, x, labels, args.h, args.full_sample, rng)
     print(
-        f"gradcheck: a batch of {len(x)} MNIST images, 784-{args.hidden}-10, h {args.h:g}, "
+        f"gradcheck: a batch of {len(x)} MNIST images, {net.layout.describe()}, h {args.h:g}, "
         f"weights after {args.train_steps} backprop steps (seed {args.seed})"
     )
     print(
@@ -138,20 +191,22 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.model:
         return run_model(args, x_train, t_train)
     with json_alone_on_stdout(args.json):
+        architectures = [[size] for size in args.hidden_sizes or []] or [args.hidden]
         report = {
             "engines": [
-                bench_engines(x, labels, hidden, args.seed, args.h, args.full_sample, args.repeat)
-                for hidden in (args.hidden_sizes or [args.hidden])
+                bench_engines(x, labels, net_from_args(args, x.shape[1], hidden), args.seed,
+                              args.h, args.full_sample, args.repeat)
+                for hidden in architectures
             ]
-        }
+        }  # fmt: skip
         if args.workers:
             from distnum.distributed import connect, disconnect
 
             owns_ray = connect(args.address)
             try:
                 report["workers"] = bench_workers(
-                    x_train, t_train, args.workers, args.steps, args.hidden, args.seed, args.h,
-                    args.batch_size,
+                    x_train, t_train, args.workers, args.steps, net_from_args(args, x.shape[1]),
+                    args.seed, args.h, args.batch_size,
                 )  # fmt: skip
             finally:
                 disconnect(owns_ray)
@@ -166,7 +221,7 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.workers:
         print(
             f"\ntraining steps over Ray worker actors ({args.steps} timed steps each, "
-            f"hidden {args.hidden}, batch {args.batch_size}):"
+            f"{report['workers'][0]['architecture']}, batch {args.batch_size}):"
         )
         print(format_worker_rows(report["workers"]))
     return 0
@@ -294,8 +349,6 @@ def build_parser() -> argparse.ArgumentParser:
     for name, kind, text in (
         ("batch-size", positive_int, "images per minibatch"),
         ("lr", float, "learning rate"),
-        ("hidden", positive_int, "hidden units"),
-        ("weight-init-std", float, "standard deviation of the initial weights"),
         ("h", float, "the nudge of the central differences"),
         ("seed", whole_number(0), "seeds the initial weights and the minibatches"),
     ):
@@ -303,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "lr":
             default = "the optimizer's: sgd 0.1 (the chapter's), adam 0.001, the others 0.01"
         train.add_argument(f"--{name}", type=kind, help=f"{text} (default {default}{resumed})")
+    add_architecture_options(train, None, resumed)
     train.add_argument(
         "--optimizer",
         choices=list(OPTIMIZERS),
@@ -352,7 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=positive_int,
         nargs="+",
         metavar="H",
-        help="several hidden sizes, e.g. 50 100 200",
+        help="a row for each: nets of one hidden layer of H units, e.g. 50 100 200 (in place "
+        "of --hidden)",
     )
     bench.add_argument(
         "--full-sample",

@@ -34,10 +34,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from distnum.bench import IdleEngine, bench_workers, median_seconds
+from distnum.bench import IdleEngine, bench_workers, median_seconds, whole_gradient
 from distnum.distributed import cluster_nodes
 from distnum.engines import FastEngine
-from distnum.models import TwoLayerNet
+from distnum.models import ParamLayout, TwoLayerNet
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -49,30 +49,27 @@ HOST_COUNTS = [1, 2, 4, 8, 16, 32, 64]
 BANDWIDTHS = {"10 Gbit/s": 10e9 / 8, "25 Gbit/s": 25e9 / 8}  # bytes per second
 
 
-def fixed_seconds(x: np.ndarray, labels: np.ndarray, hidden: int, seed: int, h: float) -> float:
+def fixed_seconds(x: np.ndarray, labels: np.ndarray, net: TwoLayerNet, h: float) -> float:
     """f: the fast engine's median time for a shard of one W1 entry."""
-    net = TwoLayerNet(x.shape[1], hidden, 10, seed=seed)
     engine = FastEngine(net.layout, np.array([0]))
     engine(net.flat_params, x, labels, h)  # compiled, or loaded from numba's cache
     return median_seconds(lambda: engine(net.flat_params, x, labels, h), 20)
 
 
-def gradient_seconds(x: np.ndarray, labels: np.ndarray, hidden: int, seed: int, h: float,
-                     duration_s: float) -> list[float]:  # fmt: skip
+def gradient_seconds(layout: ParamLayout, flat: np.ndarray, x: np.ndarray, labels: np.ndarray,
+                     h: float, duration_s: float) -> list[float]:  # fmt: skip
     """Seconds of each whole fast gradient computed in duration_s (in a process of its own)."""
-    net = TwoLayerNet(x.shape[1], hidden, 10, seed=seed)
-    engine = FastEngine(net.layout, np.arange(net.layout.size))
-    engine(net.flat_params, x, labels, h)  # compiled, or loaded from numba's cache
+    gradient = whole_gradient(layout, flat, x, labels, h)
     times: list[float] = []
     end = time.perf_counter() + duration_s
     while time.perf_counter() < end or len(times) < 3:
         started = time.perf_counter()
-        engine(net.flat_params, x, labels, h)
+        gradient()
         times.append(time.perf_counter() - started)
     return times
 
 
-def parallel_slowdown(x: np.ndarray, labels: np.ndarray, hidden: int, seed: int, h: float,
+def parallel_slowdown(x: np.ndarray, labels: np.ndarray, net: TwoLayerNet, h: float,
                       processes: int, duration_s: float) -> float:  # fmt: skip
     """s: a fast gradient's median time with `processes` processes computing at once, over
     its time alone."""
@@ -80,8 +77,8 @@ def parallel_slowdown(x: np.ndarray, labels: np.ndarray, hidden: int, seed: int,
     medians = []
     for count in (1, processes):
         with concurrent.futures.ProcessPoolExecutor(count, mp_context=context) as pool:
-            runs = [pool.submit(gradient_seconds, x, labels, hidden, seed, h, duration_s)
-                    for _ in range(count)]  # fmt: skip
+            runs = [pool.submit(gradient_seconds, net.layout, net.flat_params, x, labels, h,
+                                duration_s) for _ in range(count)]  # fmt: skip
             # the middle of each run, when all were computing: not their starts and ends
             times = np.concatenate([np.array(run.result())[1:-1] for run in runs])
         medians.append(float(np.median(times)))
@@ -98,7 +95,8 @@ def measure(x_train: np.ndarray, t_train: np.ndarray, hidden: int, seed: int, h:
     here, *others = cluster_nodes()
     cores = os.cpu_count() or 1
     workers = sorted(set(workers) | {1, cores})
-    common = {"steps": steps, "hidden": hidden, "seed": seed, "h": h, "batch_size": batch_size}
+    net = TwoLayerNet(x_train.shape[1], hidden, 10, seed=seed)
+    common = {"steps": steps, "net": net, "seed": seed, "h": h, "batch_size": batch_size}
     checked_workers = [n for n in workers if n <= CHECKED_UP_TO]
     checked = bench_workers(x_train, t_train, checked_workers, nodes=[here], **common)
     idle = bench_workers(x_train, t_train, workers, engine=IdleEngine, nodes=[here], **common)
@@ -108,9 +106,9 @@ def measure(x_train: np.ndarray, t_train: np.ndarray, hidden: int, seed: int, h:
         "params": checked[0]["params"],
         "cores": cores,
         "compute_s": checked[0]["median_compute_s"],
-        "fixed_s": fixed_seconds(x_train[batch], t_train[batch], hidden, seed, h),
+        "fixed_s": fixed_seconds(x_train[batch], t_train[batch], net, h),
         "slowdown": parallel_slowdown(
-            x_train[batch], t_train[batch], hidden, seed, h, cores, SLOWDOWN_SECONDS
+            x_train[batch], t_train[batch], net, h, cores, SLOWDOWN_SECONDS
         ),  # fmt: skip
         "overhead_s": {r["workers"]: r["median_overhead_s"] for r in idle},
         "measured_steps_per_s": {r["workers"]: r["steps_per_s"] for r in checked},

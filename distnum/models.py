@@ -116,6 +116,13 @@ class ParamLayout:
     def size(self) -> int:
         return sum(int(np.prod(shape)) for shape in self.shapes.values())
 
+    @property
+    def hidden(self) -> int | list[int]:
+        """The hidden sizes as distnum's options give them: one number for one layer (the
+        chapter's 50), else a list ([100, 100])."""
+        sizes = list(self.hidden_sizes)
+        return sizes[0] if len(sizes) == 1 else sizes
+
     def describe(self) -> str:
         """The sizes joined by dashes and the activation: "784-100-100-10 relu"."""
         return "-".join(map(str, self.sizes)) + f" {self.activation}"
@@ -265,15 +272,23 @@ def checked_batch(
     return x, labels
 
 
+INIT_NAMES = {"relu": 2.0, "he": 2.0, "sigmoid": 1.0, "xavier": 1.0}  # sqrt(gain / fan_in)
+
+
+def default_init_std(activation: str) -> str | float:
+    """The initial weights' scale when none is given: the chapter's 0.01 for sigmoid nets
+    (the notebook's), He's for ReLU nets (the book's 6.2.3)."""
+    return "relu" if activation == "relu" else 0.01
+
+
 def init_scale(weight_init_std: str | float, fan_in: int) -> float:
     """The standard deviation of a layer's initial weights: "relu" or "he" sqrt(2 / fan_in),
     "sigmoid" or "xavier" sqrt(1 / fan_in) (the book's 6.2), or the number given."""
     if isinstance(weight_init_std, str):
-        named = {"relu": 2.0, "he": 2.0, "sigmoid": 1.0, "xavier": 1.0}
-        if weight_init_std.lower() not in named:
+        if weight_init_std.lower() not in INIT_NAMES:
             raise ValueError(f"weight_init_std {weight_init_std!r} is unknown; give 'relu' "
                              "(He), 'sigmoid' (Xavier) or a number such as 0.01")  # fmt: skip
-        return float(np.sqrt(named[weight_init_std.lower()] / fan_in))
+        return float(np.sqrt(INIT_NAMES[weight_init_std.lower()] / fan_in))
     scale = float(weight_init_std)
     if not (np.isfinite(scale) and scale > 0):
         raise ValueError(f"weight_init_std {weight_init_std!r} must be finite and > 0")

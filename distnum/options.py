@@ -14,6 +14,8 @@ def option(name: str, value: object = ...) -> str:
         flag = "--" + name.replace("_", "-")
         if value is ...:
             return flag
+        if isinstance(value, (list, tuple)):  # an option of several values: --hidden 100 100
+            return " ".join([flag, *map(str, value)])
         quoted = isinstance(value, str) and (" " in value or not value)
         return f"{flag} {value!r}" if quoted else f"{flag} {value}"
     return f"{name}=" if value is ... else f"{name}={value!r}"

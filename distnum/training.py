@@ -1,11 +1,12 @@
-"""distnum train: the notebook's MNIST run (4.5.2-4.5.3), its gradient sharded over Ray.
+"""distnum train: the notebook's MNIST run (4.5.2-4.5.3), its gradient sharded over Ray;
+chapter 6's deeper nets and optimizers by option.
 
 Each step the driver draws the minibatch with its own seeded RNG, the workers compute the
-central differences of their shards on it, and the driver applies the SGD update
-theta -= lr * g to the one flat parameter vector. Every 600 steps (one epoch of 60,000
-images in batches of 100, as in the book) and at the end it measures the accuracy on the
-whole training and test sets, and writes a checkpoint from which `--resume` goes on to the
-same bits as a run never interrupted.
+central differences of their shards on it, and the driver applies the update (the
+chapter's SGD theta -= lr * g, or one of chapter 6's) to the one flat parameter vector.
+Every 600 steps (one epoch of 60,000 images in batches of 100, as in the book) and at the
+end it measures the accuracy on the whole training and test sets, and writes a checkpoint
+from which `--resume` goes on to the same bits as a run never interrupted.
 
 Every way a run ends leaves its folder whole: done (outputs written), stopped by Ctrl-C or
 SIGTERM (a checkpoint at the step boundary), a failure (the last checkpoint), killed (the
@@ -24,7 +25,7 @@ import re
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -36,7 +37,7 @@ from distnum.data import has_all_files, load_mnist, locate
 from distnum.engines import ENGINES, EngineFactory
 from distnum.engines.base import one_blas_thread
 from distnum.gradient import DEFAULT_H
-from distnum.models import TwoLayerNet
+from distnum.models import ACTIVATIONS, INIT_NAMES, MultiLayerNet, default_init_std
 from distnum.optimizers import OPTIMIZERS, make_optimizer
 from distnum.options import option, resume_hint
 from distnum.progress import live_bar
@@ -45,9 +46,10 @@ from distnum.stopping import StopRequests
 
 # the run's own settings: a resumed run keeps them; None in TrainConfig means "not given"
 # (lr: the optimizer's default, which for sgd is the notebook's 0.1)
+# (weight_init_std: He's "relu" for a ReLU net, models.default_init_std)
 DEFAULTS = {"iters": 10000, "batch_size": 100, "lr": 0.1, "hidden": 50,
             "weight_init_std": 0.01, "engine": "fast", "h": DEFAULT_H, "seed": 0,
-            "optimizer": "sgd"}  # fmt: skip
+            "optimizer": "sgd", "activation": "sigmoid", "weight_decay": 0.0}  # fmt: skip
 RAY_ADDRESS = re.compile(r"auto|(ray://)?[A-Za-z0-9._-]+:\d{1,5}")
 MAX_H = 1.0  # a nudge beyond 1 measures no derivative of a net whose weights are ~0.01
 
@@ -60,8 +62,10 @@ class TrainConfig:
     iters: int | None = None
     batch_size: int | None = None
     lr: float | None = None
-    hidden: int | None = None
-    weight_init_std: float | None = None
+    hidden: int | Sequence[int] | None = None  # one number per hidden layer: 50, [100, 100]
+    activation: str | None = None  # of the hidden layers: sigmoid or relu
+    weight_decay: float | None = None  # the loss adds 0.5 * weight_decay * sum(W ** 2)
+    weight_init_std: float | str | None = None  # a number, "relu" (He) or "sigmoid" (Xavier)
     engine: str | EngineFactory | None = None  # "fast", "full", or a factory (layout, indices)
     h: float | None = None
     seed: int | None = None
@@ -111,12 +115,30 @@ def check_config(config: TrainConfig) -> None:
             raise ConfigError(f"{option(name, value)} must be finite, > 0{bound}; give one "
                               f"such as {example}")  # fmt: skip
 
-    for name in ("iters", "batch_size", "hidden", "workers", "checkpoint_every"):
+    for name in ("iters", "batch_size", "workers", "checkpoint_every"):
         whole(name, 1)
     whole("seed", 0)
     whole("max_worker_restarts", 0)
     positive("lr", "0.1")
-    positive("weight_init_std", "0.01")
+    if not isinstance(config.weight_init_std, str):
+        positive("weight_init_std", "0.01")
+    elif config.weight_init_std.lower() not in INIT_NAMES:
+        raise ConfigError(f"{option('weight_init_std', config.weight_init_std)} is unknown; "
+                          f"give a number such as 0.01, or {', '.join(INIT_NAMES)}")  # fmt: skip
+    if config.hidden is not None:
+        hidden = config.hidden if isinstance(config.hidden, (list, tuple)) else [config.hidden]
+        if not hidden or any(isinstance(n, bool) or not isinstance(n, int) or n < 1
+                             for n in hidden):  # fmt: skip
+            raise ConfigError(f"{option('hidden', config.hidden)} must be whole numbers >= 1, "
+                              "one per hidden layer, such as 50 or [100, 100]")  # fmt: skip
+    if config.activation is not None and config.activation not in ACTIVATIONS:
+        raise ConfigError(f"{option('activation', config.activation)} is unknown; choose one "
+                          f"of {', '.join(ACTIVATIONS)}")  # fmt: skip
+    decay = config.weight_decay
+    if decay is not None and (isinstance(decay, bool) or not isinstance(decay, numbers.Real)
+                              or not (math.isfinite(decay) and decay >= 0)):  # fmt: skip
+        raise ConfigError(f"{option('weight_decay', decay)} must be a finite number >= 0, "
+                          "such as 0.1")  # fmt: skip
     positive("h", "1e-4", MAX_H)
     if config.optimizer is not None and config.optimizer not in OPTIMIZERS:
         raise ConfigError(f"{option('optimizer', config.optimizer)} is unknown; choose one of "
@@ -174,10 +196,14 @@ def resolved(config: TrainConfig, saved: checkpoints.Checkpoint | None,
     """config with every setting given a value: the run's own on resume (an option given
     that contradicts it is an error, except a larger iters, which extends the run), else
     the default."""
+    if config.hidden is not None:  # one hidden layer as a number, as the notebook's 50
+        config = replace(config, hidden=hidden_setting(config.hidden))
     if saved is None:
         values = {k: v for k, v in DEFAULTS.items() if getattr(config, k) is None}
         if config.lr is None:  # the optimizer's own default rate, as in the book
             values["lr"] = OPTIMIZERS[config.optimizer or DEFAULTS["optimizer"]].default_lr
+        if config.weight_init_std is None:
+            values["weight_init_std"] = default_init_std(config.activation or "sigmoid")
         return replace(config, **values)
     recorded = saved.settings
     for name in DEFAULTS:
@@ -198,6 +224,12 @@ def resolved(config: TrainConfig, saved: checkpoints.Checkpoint | None,
             f"{option('iters', config.iters)}; give a larger one or leave it out"
         )
     return config
+
+
+def hidden_setting(hidden: int | Sequence[int]) -> int | list[int]:
+    """The hidden sizes as a run records them: one number for one layer, else a list."""
+    sizes = [int(n) for n in hidden] if isinstance(hidden, (list, tuple)) else [int(hidden)]
+    return sizes[0] if len(sizes) == 1 else sizes
 
 
 class Progress:
@@ -343,8 +375,10 @@ class Run:
                               f"training set ({len(self.x_train)} images)")  # fmt: skip
         weight_rng, self.batch_rng = seeded_rngs(config.seed)
         with np.errstate(over="ignore"):  # check_start says what overflowed, in one line
-            self.net = TwoLayerNet(self.x_train.shape[1], config.hidden, 10,
-                                   config.weight_init_std, weight_rng)  # fmt: skip
+            hidden = config.hidden if isinstance(config.hidden, list) else [config.hidden]
+            self.net = MultiLayerNet(self.x_train.shape[1], hidden, 10, config.activation,
+                                     config.weight_init_std, config.weight_decay,
+                                     weight_rng)  # fmt: skip
         if saved is None:
             with np.errstate(over="ignore", invalid="ignore"):
                 self.check_start(self.net)
@@ -352,7 +386,7 @@ class Run:
             if saved.flat_params.shape != self.net.flat_params.shape:
                 raise checkpoints.CheckpointError(
                     f"the checkpoint in {self.out} holds {saved.flat_params.size} parameters, "
-                    f"not the {self.net.layout.size} of its 784-{config.hidden}-10 net"
+                    f"not the {self.net.layout.size} of its {self.net.layout.describe()} net"
                 )
             self.net.flat_params[:] = saved.flat_params
             self.batch_rng.bit_generator.state = saved.rng_state
@@ -372,7 +406,7 @@ class Run:
             self.metrics = Metrics(self.out / "metrics.jsonl", saved.step_losses.tolist(),
                                    saved.step_seconds.tolist(), epochs)  # fmt: skip
 
-    def check_start(self, net: TwoLayerNet) -> None:
+    def check_start(self, net: MultiLayerNet) -> None:
         """The weights and the nudge must make sense before anything is computed."""
         config, flat = self.config, net.flat_params
         first_loss = net.loss(self.x_train[: config.batch_size], self.t_train[: config.batch_size])
@@ -509,6 +543,8 @@ class Run:
                 if k not in ("quiet", "resume", "overwrite", "engine")
             },  # fmt: skip
             "engine": self.settings()["engine"],
+            "architecture": self.net.layout.describe(),
+            "params": self.net.layout.size,
             "run_id": self.checkpoints.run_id,
             "data_dir": self.data_dir,
             "data_sha256": self.data_sha256,
