@@ -365,7 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--engine",
         choices=list(ENGINES),
-        help=f"how each nudged loss is evaluated (default fast{resumed})",
+        help="how each nudged loss is evaluated: fast, or full (the book's literal algorithm); "
+        "backprop computes no nudges, the analytic gradient, for a reference run to compare "
+        f"with (default fast{resumed})",
     )
     train.add_argument(
         "--workers",

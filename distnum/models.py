@@ -361,25 +361,31 @@ class MultiLayerNet:
     def gradient(self, x: np.ndarray, t: np.ndarray) -> dict[str, np.ndarray]:
         """Analytic backprop gradient, the reference the numerical gradients are checked
         against; x and t as for loss. Returns arrays shaped like the params."""
-        layout = self.layout
-        x, labels = checked_batch(layout, x, t)
-        inputs, pre = forward(layout, self.params, x)
-        batch_size = x.shape[0]
-        delta = softmax(pre[-1])  # d loss / d a_l, from the top down
-        delta[np.arange(batch_size), labels] -= 1.0
-        delta /= batch_size
-        grads = {}
-        for layer in range(layout.depth, 0, -1):
-            W = self.params[f"W{layer}"]
-            grads[f"W{layer}"] = np.dot(inputs[layer - 1].T, delta)
-            if layout.weight_decay:
-                grads[f"W{layer}"] += layout.weight_decay * W
-            grads[f"b{layer}"] = np.sum(delta, axis=0)
-            if layer > 1:
-                z = inputs[layer - 1]
-                slope = z * (1.0 - z) if layout.activation == "sigmoid" else pre[layer - 2] > 0
-                delta = np.dot(delta, W.T) * slope
-        return {name: grads[name] for name in layout.names}
+        return backprop(self.layout, self.params, *checked_batch(self.layout, x, t))
+
+
+def backprop(layout: ParamLayout, params: dict[str, np.ndarray], x: np.ndarray,
+             labels: np.ndarray) -> dict[str, np.ndarray]:  # fmt: skip
+    """The loss's gradient by backpropagation (numpy's BLAS, so its bits may differ between
+    machines), arrays shaped like the params, for a checked batch x (N, I) and class indices
+    (N,)."""
+    inputs, pre = forward(layout, params, x)
+    batch_size = x.shape[0]
+    delta = softmax(pre[-1])  # d loss / d a_l, from the top down
+    delta[np.arange(batch_size), labels] -= 1.0
+    delta /= batch_size
+    grads = {}
+    for layer in range(layout.depth, 0, -1):
+        W = params[f"W{layer}"]
+        grads[f"W{layer}"] = np.dot(inputs[layer - 1].T, delta)
+        if layout.weight_decay:
+            grads[f"W{layer}"] += layout.weight_decay * W
+        grads[f"b{layer}"] = np.sum(delta, axis=0)
+        if layer > 1:
+            z = inputs[layer - 1]
+            slope = z * (1.0 - z) if layout.activation == "sigmoid" else pre[layer - 2] > 0
+            delta = np.dot(delta, W.T) * slope
+    return {name: grads[name] for name in layout.names}
 
 
 class TwoLayerNet(MultiLayerNet):

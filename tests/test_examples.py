@@ -72,3 +72,16 @@ def test_two_layer_net_example_trains(mnist_dir):
     assert "net.params['W1'].shape = (784, 100)" in out
     assert "grads['W1'] = (784, 100)" in out
     assert "iter 0: loss" in out and "iter 2: loss" in out
+
+
+def test_multi_layer_net_example_trains_as_backprop_does(mnist_dir, tmp_path):
+    out = run_example(
+        "ch6_multi_layer_net.py", "--iters", "200", "--hidden", "16", "16", "--local",
+        "--out", str(tmp_path), env={"DISTNUM_DATA": str(mnist_dir)},
+    )  # fmt: skip
+    assert "784-16-16-10 relu, Adam lr 0.001, batch 100, 200 steps" in out
+    gap = float(out.rsplit("central differences minus backprop: ", 1)[1])
+    assert abs(gap) <= 0.01, out
+    accuracies = [float(line.split()[3]) for line in out.splitlines()
+                  if line.startswith(("fast ", "backprop "))]  # fmt: skip
+    assert len(accuracies) == 2 and min(accuracies) > 0.8, out  # it learnt

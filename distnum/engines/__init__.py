@@ -8,6 +8,7 @@ network's loss over a set of flat parameter indices (a shard), as that shard's s
       lower_hidden_layers.py   nudges of hidden layers below the last
       last_hidden_layer.py     nudges of the last hidden layer (the chapter's W1 and b1)
       output_layer.py          nudges of the output layer (the chapter's W2 and b2)
+    backprop.py              not a central difference: backprop's gradient, for reference runs
 
 Both start from distnum.models.forward and the loss of distnum.functions, whose arithmetic
 (with distnum/vecmath.py's exp and log) has one fixed order on every CPU: so has theirs.
@@ -22,11 +23,12 @@ from typing import Protocol
 
 import numpy as np
 
+from distnum.engines.backprop import BackpropEngine
 from distnum.engines.fast import FastEngine
 from distnum.engines.full import FullEngine
 from distnum.models import ParamLayout
 
-ENGINES = {"fast": FastEngine, "full": FullEngine}
+ENGINES = {"fast": FastEngine, "full": FullEngine, "backprop": BackpropEngine}
 
 
 class Engine(Protocol):
