@@ -1,4 +1,5 @@
-"""distnum: exact central-difference gradients for the chapter-4 network, sharded over Ray."""
+"""distnum: exact central-difference gradients, sharded over Ray: the chapter-4 network,
+chapter 6's deeper ones, any function."""
 
 from importlib import import_module
 
@@ -9,6 +10,7 @@ from distnum.ray_logs import quiet_ray_logs
 _PUBLIC = {
     "SimpleNet": "distnum.models",
     "TwoLayerNet": "distnum.models",
+    "MultiLayerNet": "distnum.models",
     "load_mnist": "distnum.data",
     "TrainConfig": "distnum.training",
     "train": "distnum.training",

@@ -46,6 +46,13 @@ class SimpleNet:
         return cross_entropy_error(softmax(self.predict(x)), t)
 
 
+def hidden_setting(hidden: int | Sequence[int]) -> int | list[int]:
+    """Hidden sizes as runs record them: one number for one layer (the chapter's 50), else a
+    list ([100, 100])."""
+    sizes = [int(n) for n in hidden] if isinstance(hidden, (list, tuple)) else [int(hidden)]
+    return sizes[0] if len(sizes) == 1 else sizes
+
+
 @dataclass(frozen=True)
 class ParamLayout:
     """A network as distnum computes it: layer sizes n_0 = input_size, n_1..n_L =
@@ -118,10 +125,8 @@ class ParamLayout:
 
     @property
     def hidden(self) -> int | list[int]:
-        """The hidden sizes as distnum's options give them: one number for one layer (the
-        chapter's 50), else a list ([100, 100])."""
-        sizes = list(self.hidden_sizes)
-        return sizes[0] if len(sizes) == 1 else sizes
+        """The hidden sizes as distnum's options give them (hidden_setting)."""
+        return hidden_setting(self.hidden_sizes)
 
     def describe(self) -> str:
         """The sizes joined by dashes and the activation: "784-100-100-10 relu"."""

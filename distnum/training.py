@@ -37,7 +37,13 @@ from distnum.data import has_all_files, load_mnist, locate
 from distnum.engines import ENGINES, EngineFactory
 from distnum.engines.base import one_blas_thread
 from distnum.gradient import DEFAULT_H
-from distnum.models import ACTIVATIONS, INIT_NAMES, MultiLayerNet, default_init_std
+from distnum.models import (
+    ACTIVATIONS,
+    INIT_NAMES,
+    MultiLayerNet,
+    default_init_std,
+    hidden_setting,
+)
 from distnum.optimizers import OPTIMIZERS, make_optimizer
 from distnum.options import option, resume_hint
 from distnum.progress import live_bar
@@ -224,12 +230,6 @@ def resolved(config: TrainConfig, saved: checkpoints.Checkpoint | None,
             f"{option('iters', config.iters)}; give a larger one or leave it out"
         )
     return config
-
-
-def hidden_setting(hidden: int | Sequence[int]) -> int | list[int]:
-    """The hidden sizes as a run records them: one number for one layer, else a list."""
-    sizes = [int(n) for n in hidden] if isinstance(hidden, (list, tuple)) else [int(hidden)]
-    return sizes[0] if len(sizes) == 1 else sizes
 
 
 class Progress:
