@@ -61,10 +61,10 @@ def step_size(text: str) -> float:
 def init_std(text: str) -> float | str:
     """--weight-init-std: a number (checked with the other settings), or relu (He) or
     sigmoid (Xavier)."""
-    from distnum.models import INIT_NAMES
+    from distnum.models import INIT_NAMES, init_name
 
-    if text.lower() in INIT_NAMES:
-        return text.lower()
+    if init_name(text) in INIT_NAMES:
+        return init_name(text)
     try:
         return float(text)
     except ValueError:
@@ -103,7 +103,8 @@ def net_from_args(args: argparse.Namespace, input_size: int, hidden: list[int] |
     from distnum.models import MultiLayerNet, default_init_std
     from distnum.training import ConfigError
 
-    std = args.weight_init_std or default_init_std(args.activation)
+    std = args.weight_init_std
+    std = default_init_std(args.activation) if std is None else std
     try:
         return MultiLayerNet(input_size, hidden or args.hidden, 10, args.activation, std,
                              args.weight_decay, seed=args.seed)  # fmt: skip
@@ -323,7 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = OneLineParser(
         prog="distnum",
-        description="Exact central-difference gradients for the chapter-4 network.",
+        description="Exact central-difference gradients: the chapter-4 network, chapter 6's "
+        "deeper ones.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -334,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--full-sample",
         type=positive_int,
         default=2000,
-        help="W1 coordinates the full engine checks (all of b1, W2, b2)",
+        help="W1 coordinates the full engine checks (and every other parameter)",
     )
     gradcheck.add_argument("--abs-tol", type=float, default=1e-9)
     gradcheck.add_argument("--rel-tol", type=float, default=1e-6)
@@ -430,9 +432,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--address", help="Ray cluster for --workers (default: this machine)")
     bench.add_argument("--model", action="store_true",
-                       help="measure the cost model of a step and plot it: --hidden-sizes "
-                       "(default 50 200 1000), --workers (default 1 2 4 8 16; 1, 2 and the "
-                       "cores always), --steps per point")  # fmt: skip
+                       help="measure the cost model of a step and plot it, for nets of one "
+                       "sigmoid hidden layer: --hidden-sizes (default 50 200 1000), "
+                       "--workers (default 1 2 4 8 16; 1, 2 and the cores always), --steps "
+                       "per point")  # fmt: skip
     bench.add_argument("--plot", default="cost_model.png", metavar="FILE",
                        help="where --model writes its plot")  # fmt: skip
     bench.add_argument("--json", action="store_true", help="machine-readable output")

@@ -6,18 +6,18 @@ from __future__ import annotations
 import numpy as np
 
 from distnum.engines import FastEngine, FullEngine
-from distnum.models import TwoLayerNet
+from distnum.models import MultiLayerNet
 
 
-def sample_indices(net: TwoLayerNet, w1_sample: int, rng: np.random.Generator) -> np.ndarray:
-    """A random sample of W1's flat indices plus every b1, W2 and b2 index, sorted."""
+def sample_indices(net: MultiLayerNet, w1_sample: int, rng: np.random.Generator) -> np.ndarray:
+    """A random sample of W1's flat indices plus every other parameter's index, sorted."""
     w1 = net.layout.slices["W1"]
     chosen = rng.choice(w1.stop, size=min(w1_sample, w1.stop), replace=False)
     return np.sort(np.concatenate([chosen, np.arange(w1.stop, net.layout.size)]))
 
 
 def train_with_backprop(
-    net: TwoLayerNet, x: np.ndarray, t: np.ndarray, steps: int, rng: np.random.Generator,
+    net: MultiLayerNet, x: np.ndarray, t: np.ndarray, steps: int, rng: np.random.Generator,
     lr: float = 0.1, batch_size: int = 100,
 ) -> None:  # fmt: skip
     """A few SGD steps with backprop, to check gradients at weights that have learnt."""
@@ -29,7 +29,7 @@ def train_with_backprop(
 
 
 def compare(
-    net: TwoLayerNet, x: np.ndarray, labels: np.ndarray, h: float, w1_sample: int,
+    net: MultiLayerNet, x: np.ndarray, labels: np.ndarray, h: float, w1_sample: int,
     rng: np.random.Generator,
 ) -> dict[str, dict[str, float]]:  # fmt: skip
     """Per array: max |fast - full| on the sampled indices, and the max relative errors

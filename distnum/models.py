@@ -280,6 +280,13 @@ def checked_batch(
 INIT_NAMES = {"relu": 2.0, "he": 2.0, "sigmoid": 1.0, "xavier": 1.0}  # sqrt(gain / fan_in)
 
 
+def init_name(name: str) -> str:
+    """A named initial scale as runs record it: "relu" for relu or He, "sigmoid" for
+    sigmoid or Xavier, in any case; other names unchanged (init_scale refuses them)."""
+    lowered = name.lower()
+    return {"he": "relu", "xavier": "sigmoid"}.get(lowered, lowered)
+
+
 def default_init_std(activation: str) -> str | float:
     """The initial weights' scale when none is given: the chapter's 0.01 for sigmoid nets
     (the notebook's), He's for ReLU nets (the book's 6.2.3)."""
@@ -290,10 +297,14 @@ def init_scale(weight_init_std: str | float, fan_in: int) -> float:
     """The standard deviation of a layer's initial weights: "relu" or "he" sqrt(2 / fan_in),
     "sigmoid" or "xavier" sqrt(1 / fan_in) (the book's 6.2), or the number given."""
     if isinstance(weight_init_std, str):
-        if weight_init_std.lower() not in INIT_NAMES:
+        if init_name(weight_init_std) not in INIT_NAMES:
             raise ValueError(f"weight_init_std {weight_init_std!r} is unknown; give 'relu' "
                              "(He), 'sigmoid' (Xavier) or a number such as 0.01")  # fmt: skip
-        return float(np.sqrt(INIT_NAMES[weight_init_std.lower()] / fan_in))
+        return float(np.sqrt(INIT_NAMES[init_name(weight_init_std)] / fan_in))
+    number = isinstance(weight_init_std, (int, float, np.integer, np.floating))
+    if isinstance(weight_init_std, bool) or not number:
+        raise ValueError(f"weight_init_std {weight_init_std!r} is not a number; give 'relu' "
+                         "(He), 'sigmoid' (Xavier) or a number such as 0.01")  # fmt: skip
     scale = float(weight_init_std)
     if not (np.isfinite(scale) and scale > 0):
         raise ValueError(f"weight_init_std {weight_init_std!r} must be finite and > 0")
@@ -318,7 +329,7 @@ class MultiLayerNet:
         weight_decay_lambda: float = 0.0,
         seed: int | np.random.Generator | None = None,
     ) -> None:
-        self.layout = ParamLayout(input_size, tuple(hidden_size_list), output_size, activation,
+        self.layout = ParamLayout(input_size, hidden_size_list, output_size, activation,
                                   weight_decay_lambda)  # fmt: skip
         self.flat_params = np.zeros(self.layout.size, dtype=np.float64)
         self.params = ParamViews(self.layout.views(self.flat_params))

@@ -2,7 +2,7 @@
 never holding two runs, and written so that a crash or a full disk leaves whole files.
 
     OUT/metrics.jsonl   a line per step and per evaluation, as they come
-    OUT/params.npz      the final parameters W1, b1, W2, b2
+    OUT/params.npz      the final parameters W1, b1, W2, b2 (W3, b3, ... for deeper nets)
     OUT/summary.json    the run's settings and figures
     OUT/checkpoints/    see distnum.checkpoint
     OUT/.distnum.lock   held (flock) by the run writing here; holds its pid

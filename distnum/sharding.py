@@ -10,8 +10,8 @@ equal cumulative cost; a shard holds whole units except where a cut falls inside
 Estimated cost of an index: the samples it touches times the work of one evaluation of its
 layer. A W1 entry touches the samples whose pixel is non-zero (for MNIST about 19 % on
 average, none at the borders), a deeper weight or a bias every sample (ReLU zeros are not
-known in advance); an evaluation in the last hidden layer costs FIRST_LAYER_COST, one below
-it that plus the layers above it recomputed, one in the output layer SECOND_LAYER_COST.
+known in advance); an evaluation in the last hidden layer costs HIDDEN_LAYER_COST, one below
+it that plus the layers above it recomputed, one in the output layer OUTPUT_LAYER_COST.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from distnum.models import ParamLayout
 # Relative cost per sample touched, measured with the fast engine on real MNIST batches:
 # a last-hidden-layer nudge evaluates an activation and K exponentials per sign, an
 # output-layer one a single exponential; FMAS_PER_EXP multiply-adds cost about one exp.
-FIRST_LAYER_COST = 1.0
-SECOND_LAYER_COST = 0.6
+HIDDEN_LAYER_COST = 1.0
+OUTPUT_LAYER_COST = 0.6
 FMAS_PER_EXP = 8.0
 
 
@@ -32,7 +32,7 @@ def evaluation_cost(layout: ParamLayout, layer: int) -> float:
     """The estimated cost of one nudged sample in hidden layer `layer` (1..L)."""
     sizes = layout.sizes
     above = sum(sizes[k] * sizes[k + 1] for k in range(layer + 1, layout.depth))
-    return FIRST_LAYER_COST * (1.0 + above / FMAS_PER_EXP / (layout.output_size + 1))
+    return HIDDEN_LAYER_COST * (1.0 + above / FMAS_PER_EXP / (layout.output_size + 1))
 
 
 def index_costs(layout: ParamLayout, pixel_density: np.ndarray) -> np.ndarray:
@@ -45,7 +45,7 @@ def index_costs(layout: ParamLayout, pixel_density: np.ndarray) -> np.ndarray:
         density = pixel_density if layer == 1 else np.ones(sizes[layer - 1])
         costs[slices[f"W{layer}"]] = cost * np.repeat(density, sizes[layer])
         costs[slices[f"b{layer}"]] = cost
-    costs[slices[f"W{layout.depth}"].start :] = SECOND_LAYER_COST
+    costs[slices[f"W{layout.depth}"].start :] = OUTPUT_LAYER_COST
     return costs
 
 

@@ -43,6 +43,7 @@ from distnum.models import (
     MultiLayerNet,
     default_init_std,
     hidden_setting,
+    init_name,
 )
 from distnum.optimizers import OPTIMIZERS, make_optimizer
 from distnum.options import option, resume_hint
@@ -128,7 +129,7 @@ def check_config(config: TrainConfig) -> None:
     positive("lr", "0.1")
     if not isinstance(config.weight_init_std, str):
         positive("weight_init_std", "0.01")
-    elif config.weight_init_std.lower() not in INIT_NAMES:
+    elif init_name(config.weight_init_std) not in INIT_NAMES:
         raise ConfigError(f"{option('weight_init_std', config.weight_init_std)} is unknown; "
                           f"give a number such as 0.01, or {', '.join(INIT_NAMES)}")  # fmt: skip
     if config.hidden is not None:
@@ -191,6 +192,9 @@ def check_settings(settings: dict) -> None:
     engine is recorded as "custom")."""
     if set(settings) != set(DEFAULTS):
         raise ValueError(f"settings {sorted(settings)} are not {sorted(DEFAULTS)}")
+    missing = sorted(name for name, value in settings.items() if value is None)
+    if missing:  # None would read as "not given"
+        raise ValueError(f"settings {', '.join(missing)} have no value")
     values = {k: v for k, v in settings.items() if k != "engine"}
     check_config(TrainConfig(**values))
     if settings["engine"] not in (*ENGINES, "custom"):
@@ -204,6 +208,8 @@ def resolved(config: TrainConfig, saved: checkpoints.Checkpoint | None,
     the default."""
     if config.hidden is not None:  # one hidden layer as a number, as the notebook's 50
         config = replace(config, hidden=hidden_setting(config.hidden))
+    if isinstance(config.weight_init_std, str):  # "He" as "relu", as the CLI reads it
+        config = replace(config, weight_init_std=init_name(config.weight_init_std))
     if saved is None:
         values = {k: v for k, v in DEFAULTS.items() if getattr(config, k) is None}
         if config.lr is None:  # the optimizer's own default rate, as in the book

@@ -138,6 +138,15 @@ def sigmoid(x: float) -> float:
     return 1.0 / (1.0 + exp(-x))
 
 
+@numba.njit(inline="always", **JIT)
+def activate(a: float, relu: bool) -> float:
+    """A hidden layer's activation of one pre-activation: ReLU (0.0 where a <= 0, as
+    distnum.functions.relu) or the sigmoid."""
+    if relu:
+        return 0.0 if a <= 0.0 else a
+    return sigmoid(a)
+
+
 @numba.njit(**JIT)
 def exp_array(x: np.ndarray) -> np.ndarray:
     """Elementwise exp of a 1-D float64 array (for tests and benchmarks)."""

@@ -74,6 +74,14 @@ def test_weights_start_at_the_books_scales(init, expected):
                                         seed=3).flat_params)  # fmt: skip
 
 
+def test_hidden_sizes_as_a_number_or_a_sequence():
+    assert MultiLayerNet(784, 50, 10).layout == MultiLayerNet(784, (50,), 10).layout
+    assert MultiLayerNet(784, np.array([30, 20]), 10).layout.hidden_sizes == (30, 20)
+    assert MultiLayerNet(784, [30, 20], 10, weight_init_std="He", seed=1).params["W1"].std() == (
+        pytest.approx(np.sqrt(2 / 784), rel=0.05)
+    )
+
+
 def test_two_layer_net_is_the_one_hidden_layer_sigmoid_case():
     two = TwoLayerNet(20, 6, 4, weight_init_std=0.5, seed=5)
     multi = MultiLayerNet(20, [6], 4, activation="sigmoid", weight_init_std=0.5, seed=5)
@@ -181,6 +189,8 @@ def test_784_100_100_10_relu_fast_equals_full_on_mnist(mnist_batch):
         ((784, [100], 10, "tanh"), "activation 'tanh' is unknown; choose one of sigmoid, relu"),
         ((784, [100], 10, "relu", "kaiming"), "weight_init_std 'kaiming' is unknown"),
         ((784, [100], 10, "relu", -1.0), "must be finite and > 0"),
+        ((784, [100], 10, "relu", None), "weight_init_std None is not a number"),
+        ((784, [100], 10, "relu", True), "weight_init_std True is not a number"),
         ((784, [100], 10, "relu", "relu", -0.1), "weight decay -0.1 must be a finite number"),
         ((784, [100], 10, "relu", "relu", float("nan")), "weight decay nan"),
     ],
@@ -188,3 +198,20 @@ def test_784_100_100_10_relu_fast_equals_full_on_mnist(mnist_batch):
 def test_bad_architecture_is_refused_with_the_fix(arguments, message):
     with pytest.raises(ValueError, match=message):
         MultiLayerNet(*arguments)
+
+
+@pytest.mark.parametrize("hidden", [(7, 6), (7, 6, 5)])
+def test_relu_units_at_their_kink_are_recomputed_exactly(hidden):
+    # units of the second hidden layer put at (or a rounding away from) zero for a sample:
+    # there a nudge below crosses the kink, and the logits are no linear map of it
+    net = MultiLayerNet(12, hidden, 4, "relu", weight_init_std=0.8, seed=8)
+    x, t = small_batch(8)
+    z1 = forward(net.layout, net.params, x).inputs[1]
+    for sample, unit in ((0, 1), (3, 4), (5, 0)):
+        net.params["b2"][unit] = -(z1[sample] @ net.params["W2"][:, unit])
+    pre = forward(net.layout, net.params, x).pre[1]
+    assert np.min(np.abs(pre[[0, 3, 5], [1, 4, 0]])) < 1e-12
+    layer_one = np.arange(net.layout.slices["b1"].stop)
+    fast = FastEngine(net.layout, layer_one)(net.flat_params, x, t, H)
+    full = FullEngine(net.layout, layer_one)(net.flat_params, x, t, H)
+    assert np.max(np.abs(fast - full)) <= 1e-9

@@ -8,7 +8,7 @@ import pytest
 from run_helpers import newest_checkpoint, reference_sha
 
 from distnum.cli import run
-from distnum.training import ConfigError, train
+from distnum.training import ConfigError, check_settings, train
 
 DEEP = {"hidden": [12, 8], "activation": "relu", "weight_decay": 0.05, "optimizer": "adam"}
 
@@ -56,12 +56,25 @@ def test_one_hidden_layer_is_the_chapters_net_however_it_is_given(tiny_mnist, tm
     assert as_list["params_sha256"] == reference_sha(tiny_mnist, tmp_path, 3)
 
 
+def test_named_initial_weights_are_recorded_as_one_name(tiny_mnist, tmp_path):
+    out = tmp_path / "run"
+    first = train(iters=3, batch_size=10, hidden=[8, 8], activation="relu",
+                  weight_init_std="He", local=True, quiet=True, data_dir=str(tiny_mnist),
+                  out=str(out))  # fmt: skip
+    assert first["weight_init_std"] == "relu"
+    resumed = train(iters=5, resume=True, weight_init_std="relu", local=True, quiet=True,
+                    data_dir=str(tiny_mnist), out=str(out))  # fmt: skip
+    assert resumed["resumed_from_step"] == 3
+
+
 def test_checkpoints_record_the_architecture(tiny_mnist, tmp_path):
     out = tmp_path / "run"
     train(iters=4, batch_size=10, local=True, quiet=True, data_dir=str(tiny_mnist),
           out=str(out), **DEEP)  # fmt: skip
     saved, _ = newest_checkpoint(out)
     assert {k: saved.settings[k] for k in DEEP} == DEEP
+    with pytest.raises(ValueError, match="settings activation have no value"):
+        check_settings({**saved.settings, "activation": None})
     assert saved.flat_params.size == 784 * 12 + 12 + 12 * 8 + 8 + 8 * 10 + 10
 
 

@@ -23,7 +23,7 @@ from distnum.engines.base import checked_indices, checked_params
 from distnum.engines.sample_values import input_entries
 from distnum.functions import shifted_logits
 from distnum.gradient import check_h
-from distnum.models import ParamLayout, checked_batch, forward
+from distnum.models import ParamLayout, checked_batch, checked_inputs, forward
 
 
 class HiddenRequests(NamedTuple):
@@ -74,7 +74,7 @@ class FastEngine:
         sigmoid's included) and log. A hidden-layer nudge of unit j is evaluated once per
         sample value its shard's inputs need; an output-layer one once per sample, one exp
         and one log."""
-        layout, batch = self.layout, np.ascontiguousarray(x, dtype=np.float64)
+        layout, batch = self.layout, checked_inputs(self.layout, x)
         inputs = forward(layout, layout.views(checked_params(flat)), batch).inputs
         sigmoid = layout.activation == "sigmoid"
         hidden = exp_count = 0

@@ -14,16 +14,7 @@ import numba
 import numpy as np
 
 from distnum.engines.sample_values import add_differences, needed_values
-from distnum.vecmath import JIT, exp, fma, log, sigmoid
-
-
-@numba.njit(inline="always", **JIT)
-def activate(a, relu):
-    """The hidden layers' activation of one pre-activation: ReLU (0.0 where a <= 0, as
-    distnum.functions.relu) or the sigmoid."""
-    if relu:
-        return 0.0 if a <= 0.0 else a
-    return sigmoid(a)
+from distnum.vecmath import JIT, activate, exp, fma, log
 
 
 @numba.njit(**JIT)

@@ -18,9 +18,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from distnum.engines.last_hidden_layer import activate
 from distnum.engines.sample_values import add_differences, needed_values
-from distnum.vecmath import JIT, exp, fma, log
+from distnum.vecmath import JIT, activate, exp, fma, log
 
 BLOCK = 128
 
