@@ -157,6 +157,21 @@ class IdleEngine:
         return np.zeros(self.size)
 
 
+class BusyEngine:
+    """An engine that computes nothing but keeps its core busy for `seconds` of its own CPU
+    time per call, then gives a zero slice: an actor's compute of that length played by a
+    loop, to measure what sharing the cores costs beyond the compute (the cost model's q)."""
+
+    def __init__(self, layout: object, indices: np.ndarray, seconds: float) -> None:
+        self.size, self.seconds = len(indices), seconds
+
+    def __call__(self, flat: np.ndarray, x: np.ndarray, labels: np.ndarray, h: float) -> np.ndarray:
+        end = time.thread_time() + self.seconds
+        while time.thread_time() < end:
+            pass
+        return np.zeros(self.size)
+
+
 def bench_workers(
     x_train: np.ndarray, t_train: np.ndarray, worker_counts: list[int], steps: int,
     net: MultiLayerNet, seed: int, h: float, batch_size: int = 100, lr: float = 0.1,

@@ -1,7 +1,7 @@
 """What a training step costs on N worker actors, measured and predicted (`distnum bench
 --model`):
 
-    T(N) = ((C - f) / N + f) * max(1, N / cores) * s  +  o(N, P, bandwidth)
+    T(N) = ((C - f) / N + f) * max(1, N / cores) * s  +  o(N, P, bandwidth)  +  q(N)
 
 - C: one worker's compute for the whole gradient of a batch (its slice and its rows of the
   previous step's loss), measured with the fast engine and 1 actor;
@@ -11,7 +11,12 @@
   caches, memory bandwidth, hyperthreads), measured with the engine in plain processes;
   1 for one actor. More actors than cores share them: the max(1, N / cores);
 - o: the rest of the step, measured with an engine that computes nothing (IdleEngine), for
-  N actors on the driver's node, and on 2 hosts when the cluster has a second node.
+  N actors on the driver's node, and on 2 hosts when the cluster has a second node;
+- q: what more actors than cores lose to sharing them, beyond their compute: each wakes at
+  once and waits for a core, and a short burst of compute (a few ms at hidden 50) is no
+  longer than the scheduler's time slices. Measured with an engine that keeps its core
+  busy for each actor's time, (C - f) / N + f, and computes nothing (BusyEngine): its step
+  time minus that compute shared among the cores and minus o(N). 0 for N <= cores.
 
 Across H hosts of c cores each (hosts like this machine), the driver sends each other host
 one copy of the parameters (8P bytes) and receives its slice (8P / H), one host after the
@@ -30,11 +35,12 @@ import concurrent.futures
 import multiprocessing
 import os
 import time
+from functools import partial
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from distnum.bench import IdleEngine, bench_workers, median_seconds, whole_gradient
+from distnum.bench import BusyEngine, IdleEngine, bench_workers, median_seconds, whole_gradient
 from distnum.distributed import cluster_nodes
 from distnum.engines import FastEngine
 from distnum.models import ParamLayout, TwoLayerNet
@@ -42,7 +48,8 @@ from distnum.models import ParamLayout, TwoLayerNet
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-OVERHEAD_WORKERS = [1, 2, 4, 8, 16]  # o measured
+FORMULA = "((C - f)/N + f) * max(1, N/cores) * s + o(N) + q(N)"
+OVERHEAD_WORKERS = [1, 2, 4, 8, 16]  # o and q measured
 CHECKED_UP_TO = 8  # up to so many actors, steps measured with the fast engine too
 SLOWDOWN_SECONDS = 2.0  # each engine process's run, alone and all together
 HOST_COUNTS = [1, 2, 4, 8, 16, 32, 64]
@@ -113,6 +120,13 @@ def measure(x_train: np.ndarray, t_train: np.ndarray, hidden: int, seed: int, h:
         "overhead_s": {r["workers"]: r["median_overhead_s"] for r in idle},
         "measured_steps_per_s": {r["workers"]: r["steps_per_s"] for r in checked},
     }
+    report["sharing_s"] = {n: 0.0 for n in workers}
+    for n in (n for n in workers if n > cores):
+        burst = actor_seconds(report, n)
+        (busy,) = bench_workers(x_train, t_train, [n], engine=partial(BusyEngine, seconds=burst),
+                                nodes=[here], **common)  # fmt: skip
+        shared = burst * n / cores + report["overhead_s"][n]
+        report["sharing_s"][n] = max(busy["median_step_s"] - shared, 0.0)
     if others:
         workers = sorted(set(workers) | {2})
         two = bench_workers(x_train, t_train, [n for n in workers if n > 1], engine=IdleEngine,
@@ -150,12 +164,17 @@ def project_hosts(models: list[dict]) -> None:
         }
 
 
+def actor_seconds(model: dict, workers: int) -> float:
+    """(C - f) / N + f: what each of N actors computes, alone on a core."""
+    return (model["compute_s"] - model["fixed_s"]) / workers + model["fixed_s"]
+
+
 def step_seconds(model: dict, workers: int) -> float:
     """T(N) on one node."""
-    cores, fixed = model["cores"], model["fixed_s"]
     contention = model["slowdown"] if workers > 1 else 1.0
-    each = (model["compute_s"] - fixed) / workers + fixed
-    return each * max(1.0, workers / cores) * contention + model["overhead_s"][workers]
+    shared = max(1.0, workers / model["cores"]) * contention
+    return (actor_seconds(model, workers) * shared + model["overhead_s"][workers]
+            + model["sharing_s"][workers])  # fmt: skip
 
 
 def host_step_seconds(model: dict, hosts: int, bandwidth: float) -> float:
@@ -174,13 +193,16 @@ def speedup(model: dict, hosts: int, bandwidth: float) -> float:
 
 def format_model(models: list[dict]) -> str:
     workers, checked = list(models[0]["overhead_s"]), list(models[0]["measured_steps_per_s"])
-    lines = ["the cost model, T(N) = ((C - f)/N + f) * max(1, N/cores) * s + o(N):",
+    sharing = [n for n in workers if n > models[0]["cores"]]
+    lines = [f"the cost model, T(N) = {FORMULA}:",
              f"{'hidden':>6} {'params':>8} {'C ms':>7} {'f ms':>6} {'s':>5}  "
-             + "  ".join(f"{f'o({n}) ms':>8}" for n in workers)]  # fmt: skip
+             + "  ".join(f"{f'o({n}) ms':>8}" for n in workers) + "  "
+             + "  ".join(f"{f'q({n}) ms':>8}" for n in sharing)]  # fmt: skip
     for m in models:
         lines.append(f"{m['hidden']:>6} {m['params']:>8} {m['compute_s'] * 1e3:>7.2f} "
                      f"{m['fixed_s'] * 1e3:>6.2f} {m['slowdown']:>5.2f}  "
-                     + "  ".join(f"{m['overhead_s'][n] * 1e3:>8.2f}" for n in workers))  # fmt: skip
+                     + "  ".join(f"{m['overhead_s'][n] * 1e3:>8.2f}" for n in workers) + "  "
+                     + "  ".join(f"{m['sharing_s'][n] * 1e3:>8.2f}" for n in sharing))  # fmt: skip
     lines.append(f"\nsteps/s on one node ({models[0]['cores']} cores), predicted / measured:")
     lines.append(f"{'hidden':>6}  " + "  ".join(f"{f'N={n}':>20}" for n in checked))
     for m in models:
@@ -248,6 +270,6 @@ def plot_model(models: list[dict]) -> Figure:
     else:
         hosts_axes.set_axis_off()
         hosts_axes.text(0.5, 0.5, "no second node measured", ha="center")
-    figure.suptitle("distnum bench --model: T(N) = ((C - f)/N + f) * max(1, N/cores) * s + o(N)")
+    figure.suptitle(f"distnum bench --model: T(N) = {FORMULA}")
     figure.tight_layout()
     return figure

@@ -17,6 +17,7 @@ def a_model(**changes) -> dict:
         "params": 1000, "cores": 2, "compute_s": 0.010, "fixed_s": 0.002, "slowdown": 1.2,
         "host_fixed_s": 0.001,
         "overhead_s": {1: 0.0003, 2: 0.0004, 4: 0.0008, 8: 0.002},
+        "sharing_s": {1: 0.0, 2: 0.0, 4: 0.001, 8: 0.004},
     }  # fmt: skip
     return {**model, **changes}
 
@@ -26,8 +27,10 @@ def test_the_model_shares_the_compute_among_the_cores_and_adds_the_overhead():
     assert cost_model.step_seconds(model, 1) == pytest.approx(0.010 + 0.0003)
     # each actor: its share of the work that divides, and all of the fixed work
     assert cost_model.step_seconds(model, 2) == pytest.approx((0.004 + 0.002) * 1.2 + 0.0004)
-    # more actors than cores: each computes less, but on a share of a core
-    assert cost_model.step_seconds(model, 8) == pytest.approx((0.001 + 0.002) * 4 * 1.2 + 0.002)
+    # more actors than cores: each computes less, but on a share of a core, and loses q
+    assert cost_model.step_seconds(model, 8) == pytest.approx(
+        (0.001 + 0.002) * 4 * 1.2 + 0.002 + 0.004
+    )
 
 
 def test_more_hosts_pay_until_the_drivers_link_carries_the_parameters_to_each():
@@ -68,6 +71,9 @@ def test_bench_model_on_this_machine_prints_and_plots(mnist_dir, ray_session, tm
     assert list(model["overhead_s"]) == ["1", "2", "3"]  # 1 and the 2 cores always
     assert list(model["measured_steps_per_s"]) == ["1", "2", "3"]
     assert 0 < model["fixed_s"] < model["compute_s"] and 0.5 < model["slowdown"] < 4
+    # q: measured only with more actors than the 2 cores
+    assert model["sharing_s"]["1"] == model["sharing_s"]["2"] == 0.0
+    assert model["sharing_s"]["3"] >= 0.0
     for n, predicted in model["predicted_steps_per_s"].items():
         measured = model["measured_steps_per_s"][n]
         assert model["prediction_error"][n] == pytest.approx(predicted / measured - 1)

@@ -24,6 +24,19 @@ from distnum.vecmath import JIT, activate, exp, fma, log
 BLOCK = 128
 
 
+@numba.njit(inline="always", **JIT)
+def moved_sums(p, W, base, sample, size, change, out):
+    """out[q] = base[p, sample[q]] + sum over m, in order 0, 1, ..., of change[m, q] W[m, p]
+    (each an fma), for q < size: unit p's pre-activation (or logit), moved by the changes of
+    the layer below."""
+    for q in range(size):
+        out[q] = base[p, sample[q]]
+    for m in range(W.shape[0]):
+        w = W[m, p]
+        for q in range(size):
+            out[q] = fma(change[m, q], w, out[q])
+
+
 @numba.njit(**JIT)
 def loss_differences(
     unit_start, req_pixel, req_slot, pixel_start, value_id, value_sample, value,
@@ -86,24 +99,14 @@ def loss_differences(
                 for layer in range(1, len(weights) - 1):  # each layer above that
                     W, A, Z = weights[layer], pre_above[layer], post_above[layer]
                     for p in range(W.shape[1]):
-                        for q in range(size):
-                            acc[q] = A[p, sample[q]]
-                        for m in range(W.shape[0]):
-                            w = W[m, p]
-                            for q in range(size):
-                                acc[q] = fma(change[m, q], w, acc[q])
+                        moved_sums(p, W, A, sample, size, change, acc)
                         for q in range(size):
                             change_next[p, q] = activate(acc[q], relu) - Z[p, sample[q]]
                     change, change_next = change_next, change
                 for q in range(size):
                     total[q] = 0.0
                 for k in range(output_weights.shape[1]):  # the sum over k in order 0..K-1
-                    for q in range(size):
-                        acc[q] = shifted_logits[k, sample[q]]
-                    for m in range(output_weights.shape[0]):
-                        w = output_weights[m, k]
-                        for q in range(size):
-                            acc[q] = fma(change[m, q], w, acc[q])
+                    moved_sums(k, output_weights, shifted_logits, sample, size, change, acc)
                     for q in range(size):
                         total[q] += exp(acc[q])
                         if labels[sample[q]] == k:
