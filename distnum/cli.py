@@ -101,15 +101,16 @@ def net_from_args(args: argparse.Namespace, input_size: int, hidden: list[int] |
     """The MultiLayerNet the architecture options describe (with other hidden sizes, if
     given), seeded by --seed."""
     from distnum.models import MultiLayerNet, default_init_std
-    from distnum.training import ConfigError
+    from distnum.training import TrainConfig, check_config
 
+    # checked as train checks them, so that a message names the option
+    check_config(TrainConfig(hidden=args.hidden, activation=args.activation,
+                             weight_decay=args.weight_decay,
+                             weight_init_std=args.weight_init_std))  # fmt: skip
     std = args.weight_init_std
     std = default_init_std(args.activation) if std is None else std
-    try:
-        return MultiLayerNet(input_size, hidden or args.hidden, 10, args.activation, std,
-                             args.weight_decay, seed=args.seed)  # fmt: skip
-    except ValueError as error:  # the message names the value and what to give
-        raise ConfigError(str(error)) from None
+    return MultiLayerNet(input_size, hidden or args.hidden, 10, args.activation, std,
+                         args.weight_decay, seed=args.seed)  # fmt: skip
 
 
 def add_batch_options(parser: argparse.ArgumentParser) -> None:

@@ -105,4 +105,6 @@ def test_gradcheck_and_bench_take_the_architecture(mnist_dir, capsys):
     assert row["architecture"] == "784-20-10-10 relu" and row["hidden"] == [20, 10]
     assert row["params"] == 784 * 20 + 20 + 20 * 10 + 10 + 10 * 10 + 10
     assert run(["bench", *common, "--weight-decay", "-1"]) == 2
-    assert "weight decay -1.0 must be a finite number >= 0" in capsys.readouterr().err
+    assert "--weight-decay -1.0 must be a finite number >= 0" in capsys.readouterr().err
+    assert run(["gradcheck", *common, "--weight-init-std", "0"]) == 2
+    assert "--weight-init-std 0.0 must be finite, > 0" in capsys.readouterr().err
