@@ -9,8 +9,9 @@ nudges (a ReLU unit at zero, or a saturated sigmoid) the nudged network equals t
 unnudged one on that sample: its l_n(+h) - l_n(-h) is exactly 0, not an approximation, and
 is not evaluated. The others are, each once per sign, as the loss is defined:
     l_n = log(sum_k exp(a'[n, k] - max_n)) - (a'[n, t_n] - max_n).
-The samples are taken in blocks of BLOCK sample values, so that a block's changes stay in
-cache while every layer above is recomputed.
+The sample values are taken a sample at a time (at most BLOCK at once), so that a block's
+changes stay in cache while every layer above is recomputed, and a unit above that moves
+for none of them (a ReLU unit at zero) is skipped.
 """
 
 from __future__ import annotations
@@ -25,16 +26,27 @@ BLOCK = 128
 
 
 @numba.njit(inline="always", **JIT)
-def moved_sums(p, W, base, sample, size, change, out):
-    """out[q] = base[p, sample[q]] + sum over m, in order 0, 1, ..., of change[m, q] W[m, p]
-    (each an fma), for q < size: unit p's pre-activation (or logit), moved by the changes of
-    the layer below."""
+def moved_sums(p, W, base, n, size, change, moves, out):
+    """out[q] = base[p, n] + sum over m, in order 0, 1, ..., of change[m, q] W[m, p] (each an
+    fma), for q < size: unit p's pre-activation (or logit) for sample n, moved by the changes
+    of the layer below. Rows m of change that are all zero (moves[m] False) add nothing and
+    are skipped: a ReLU unit that stays at zero."""
     for q in range(size):
-        out[q] = base[p, sample[q]]
+        out[q] = base[p, n]
     for m in range(W.shape[0]):
-        w = W[m, p]
-        for q in range(size):
-            out[q] = fma(change[m, q], w, out[q])
+        if moves[m]:
+            w = W[m, p]
+            for q in range(size):
+                out[q] = fma(change[m, q], w, out[q])
+
+
+@numba.njit(inline="always", **JIT)
+def any_moves(change, m, size):
+    """Whether row m of change (its first size entries) holds a change."""
+    for q in range(size):
+        if change[m, q] != 0.0:
+            return True
+    return False
 
 
 @numba.njit(**JIT)
@@ -60,7 +72,8 @@ def loss_differences(
     difference = np.empty(num_values)
     change = np.empty((widest, BLOCK))
     change_next = np.empty((widest, BLOCK))
-    sample = np.empty(BLOCK, dtype=np.int64)
+    moves = np.empty(widest, dtype=np.bool_)
+    moves_next = np.empty(widest, dtype=np.bool_)
     d = np.empty(BLOCK)
     acc = np.empty(BLOCK)
     total = np.empty(BLOCK)
@@ -82,34 +95,42 @@ def loss_differences(
             if plus != 0.0 or minus != 0.0:
                 moving[moved], change_plus[moved], change_minus[moved] = v, plus, minus
                 moved += 1
-        for block in range(0, moved, BLOCK):
-            size = min(BLOCK, moved - block)
-            for q in range(size):
-                sample[q] = value_sample[moving[block + q]]
+        block = 0
+        while block < moved:  # one sample's moving values at a time
+            n = value_sample[moving[block]]
+            size = 1
+            while (size < BLOCK and block + size < moved
+                   and value_sample[moving[block + size]] == n):  # fmt: skip
+                size += 1
             for sign in (1.0, -1.0):
                 source = change_plus if sign > 0 else change_minus
                 for q in range(size):
                     d[q] = source[block + q]
                 W, A, Z = weights[0], pre_above[0], post_above[0]
                 for m in range(W.shape[1]):  # the layer above: a_{l+1} moves by d * W_{l+1}[j]
-                    w = W[j, m]
+                    w, a, z = W[j, m], A[m, n], Z[m, n]
                     for q in range(size):
-                        n = sample[q]
-                        change[m, q] = activate(fma(d[q], w, A[m, n]), relu) - Z[m, n]
+                        change[m, q] = activate(fma(d[q], w, a), relu) - z
+                    moves[m] = any_moves(change, m, size)
                 for layer in range(1, len(weights) - 1):  # each layer above that
                     W, A, Z = weights[layer], pre_above[layer], post_above[layer]
                     for p in range(W.shape[1]):
-                        moved_sums(p, W, A, sample, size, change, acc)
+                        moved_sums(p, W, A, n, size, change, moves, acc)
+                        z = Z[p, n]
                         for q in range(size):
-                            change_next[p, q] = activate(acc[q], relu) - Z[p, sample[q]]
+                            change_next[p, q] = activate(acc[q], relu) - z
+                        moves_next[p] = any_moves(change_next, p, size)
                     change, change_next = change_next, change
+                    moves, moves_next = moves_next, moves
                 for q in range(size):
                     total[q] = 0.0
+                label = labels[n]
                 for k in range(output_weights.shape[1]):  # the sum over k in order 0..K-1
-                    moved_sums(k, output_weights, shifted_logits, sample, size, change, acc)
+                    moved_sums(k, output_weights, shifted_logits, n, size, change, moves, acc)
                     for q in range(size):
                         total[q] += exp(acc[q])
-                        if labels[sample[q]] == k:
+                    if k == label:
+                        for q in range(size):
                             target[q] = acc[q]
                 for q in range(size):
                     loss = log(total[q]) - target[q]
@@ -117,4 +138,5 @@ def loss_differences(
                         loss_plus[q] = loss
                     else:
                         difference[moving[block + q]] = loss_plus[q] - loss
+            block += size
         add_differences(first, stop, req_pixel, req_slot, pixel_start, value_id, difference, out)
