@@ -1,7 +1,7 @@
 """6.1-6.2 MultiLayerNet: 784-100-100-10 ReLU with He's initial weights and Adam, trained by
 central differences over Ray, and the same run by backprop: the test accuracy of each.
 
-    python examples/ch6_multi_layer_net.py                     # 1,500 steps, about 5 min
+    python examples/ch6_multi_layer_net.py                     # 1,500 steps, about 3 min
     python examples/ch6_multi_layer_net.py --iters 100 --hidden 20 20 --local
 
 Both runs start from the same weights and draw the same minibatches: they differ in their
