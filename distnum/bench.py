@@ -146,23 +146,13 @@ def format_engine_rows(rows: list[dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-class IdleEngine:
-    """An engine that computes nothing (a zero slice at once): what a step costs beyond the
-    workers' compute, for the cost model."""
-
-    def __init__(self, layout: object, indices: np.ndarray) -> None:
-        self.size = len(indices)
-
-    def __call__(self, flat: np.ndarray, x: np.ndarray, labels: np.ndarray, h: float) -> np.ndarray:
-        return np.zeros(self.size)
-
-
 class BusyEngine:
     """An engine that computes nothing but keeps its core busy for `seconds` of its own CPU
-    time per call, then gives a zero slice: an actor's compute of that length played by a
-    loop, to measure what sharing the cores costs beyond the compute (the cost model's q)."""
+    time per call, then gives a zero slice, for the cost model: with seconds 0, what a step
+    costs beyond the workers' compute (o); with an actor's compute time, what sharing the
+    cores costs beyond that compute (q)."""
 
-    def __init__(self, layout: object, indices: np.ndarray, seconds: float) -> None:
+    def __init__(self, layout: object, indices: np.ndarray, seconds: float = 0.0) -> None:
         self.size, self.seconds = len(indices), seconds
 
     def __call__(self, flat: np.ndarray, x: np.ndarray, labels: np.ndarray, h: float) -> np.ndarray:

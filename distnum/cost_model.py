@@ -10,7 +10,7 @@
 - s: how much slower each of `cores` processes computes when all compute at once (shared
   caches, memory bandwidth, hyperthreads), measured with the engine in plain processes;
   1 for one actor. More actors than cores share them: the max(1, N / cores);
-- o: the rest of the step, measured with an engine that computes nothing (IdleEngine), for
+- o: the rest of the step, measured with an engine that computes nothing (BusyEngine, 0 s), for
   N actors on the driver's node, and on 2 hosts when the cluster has a second node;
 - q: what more actors than cores lose to sharing them, beyond their compute: each wakes at
   once and waits for a core, and a short burst of compute (a few ms at hidden 50) is no
@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from distnum.bench import BusyEngine, IdleEngine, bench_workers, median_seconds, whole_gradient
+from distnum.bench import BusyEngine, bench_workers, median_seconds, whole_gradient
 from distnum.distributed import cluster_nodes
 from distnum.engines import FastEngine
 from distnum.models import ParamLayout, TwoLayerNet
@@ -106,7 +106,7 @@ def measure(x_train: np.ndarray, t_train: np.ndarray, hidden: int, seed: int, h:
     common = {"steps": steps, "net": net, "seed": seed, "h": h, "batch_size": batch_size}
     checked_workers = [n for n in workers if n <= CHECKED_UP_TO]
     checked = bench_workers(x_train, t_train, checked_workers, nodes=[here], **common)
-    idle = bench_workers(x_train, t_train, workers, engine=IdleEngine, nodes=[here], **common)
+    idle = bench_workers(x_train, t_train, workers, engine=BusyEngine, nodes=[here], **common)
     batch = np.random.default_rng(seed).choice(len(x_train), batch_size)
     report = {
         "hidden": hidden,
@@ -129,7 +129,7 @@ def measure(x_train: np.ndarray, t_train: np.ndarray, hidden: int, seed: int, h:
         report["sharing_s"][n] = max(busy["median_step_s"] - shared, 0.0)
     if others:
         workers = sorted(set(workers) | {2})
-        two = bench_workers(x_train, t_train, [n for n in workers if n > 1], engine=IdleEngine,
+        two = bench_workers(x_train, t_train, [n for n in workers if n > 1], engine=BusyEngine,
                             nodes=[here, others[0]], **common)  # fmt: skip
         report["two_host_overhead_s"] = {r["workers"]: r["median_overhead_s"] for r in two}
         report["bytes_to_each_host"] = {r["workers"]: r["bytes_to_each_host"] for r in two}

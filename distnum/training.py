@@ -381,8 +381,7 @@ class Run:
                               f"training set ({len(self.x_train)} images)")  # fmt: skip
         weight_rng, self.batch_rng = seeded_rngs(config.seed)
         with np.errstate(over="ignore"):  # check_start says what overflowed, in one line
-            hidden = config.hidden if isinstance(config.hidden, list) else [config.hidden]
-            self.net = MultiLayerNet(self.x_train.shape[1], hidden, 10, config.activation,
+            self.net = MultiLayerNet(self.x_train.shape[1], config.hidden, 10, config.activation,
                                      config.weight_init_std, config.weight_decay,
                                      weight_rng)  # fmt: skip
         if saved is None:

@@ -9,16 +9,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from distnum.engines.base import checked_indices, checked_params
-from distnum.models import ParamLayout, backprop, checked_batch
+from distnum.engines.base import ShardEngine, checked_params
+from distnum.models import backprop, checked_batch
 
 
-class BackpropEngine:
+class BackpropEngine(ShardEngine):
     """Backprop's gradient over `indices`, called as the other engines are (h unused)."""
-
-    def __init__(self, layout: ParamLayout, indices: np.ndarray) -> None:
-        self.layout = layout
-        self.indices = checked_indices(layout, indices)
 
     def __call__(self, flat: np.ndarray, x: np.ndarray, labels: np.ndarray, h: float) -> np.ndarray:
         """g (len(indices),) for the parameters flat (layout.size,), a batch x (B, I) and its

@@ -1,4 +1,4 @@
-"""What both engines check; one BLAS thread for the training loop."""
+"""What every engine holds and checks; one BLAS thread for the training loop."""
 
 from __future__ import annotations
 
@@ -28,6 +28,15 @@ def checked_indices(layout: ParamLayout, indices: np.ndarray) -> np.ndarray:
     if indices.size and (indices.min() < 0 or indices.max() >= layout.size):
         raise ValueError(f"parameter indices must lie in [0, {layout.size})")
     return indices
+
+
+class ShardEngine:
+    """What an engine over a shard's flat parameter indices holds: the layout and the
+    indices, checked once, here."""
+
+    def __init__(self, layout: ParamLayout, indices: np.ndarray) -> None:
+        self.layout = layout
+        self.indices = checked_indices(layout, indices)
 
 
 def checked_params(flat: np.ndarray) -> np.ndarray:

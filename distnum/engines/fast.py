@@ -19,7 +19,7 @@ import numpy as np
 from numba.typed import List
 
 from distnum.engines import last_hidden_layer, lower_hidden_layers, output_layer
-from distnum.engines.base import checked_indices, checked_params
+from distnum.engines.base import ShardEngine, checked_params
 from distnum.engines.sample_values import input_entries
 from distnum.functions import shifted_logits
 from distnum.gradient import check_h
@@ -37,14 +37,14 @@ class HiddenRequests(NamedTuple):
     slot: np.ndarray
 
 
-class FastEngine:
+class FastEngine(ShardEngine):
     """Central differences of the batch loss over `indices`, by incremental evaluation.
 
     The shard's indices are sorted into the kernels' order once, here."""
 
     def __init__(self, layout: ParamLayout, indices: np.ndarray) -> None:
-        self.layout = layout
-        indices = checked_indices(layout, indices)
+        super().__init__(layout, indices)
+        indices = self.indices
         self.size = indices.size
         slices, sizes = layout.slices, layout.sizes
         self.hidden = []
@@ -107,6 +107,12 @@ class FastEngine:
         relu = layout.activation == "relu"
         depth = layout.depth
         sums = np.zeros(self.size)
+        if any(requests.layer < depth - 1 for requests in self.hidden):
+            # what lower_hidden_layers reads, laid out once for every lower layer: the layers
+            # above it by unit (n_k, B), and the logits by class (K, B)
+            pre_by_unit = [np.ascontiguousarray(a.T) for a in pre[:-1]]
+            post_by_unit = [np.ascontiguousarray(z.T) for z in inputs]
+            logits_by_class = np.ascontiguousarray(shifted.T)
         for requests in self.hidden:
             layer = requests.layer
             common = (requests.unit_start, requests.pixel, requests.slot,
@@ -120,9 +126,9 @@ class FastEngine:
                 lower_hidden_layers.loss_differences(
                     *common,
                     List([params[f"W{k}"] for k in range(layer + 1, depth + 1)]),
-                    List([np.ascontiguousarray(pre[k - 1].T) for k in above]),
-                    List([np.ascontiguousarray(inputs[k].T) for k in above]),
-                    np.ascontiguousarray(shifted.T), labels, relu, h, sums,
+                    List([pre_by_unit[k - 1] for k in above]),
+                    List([post_by_unit[k] for k in above]),
+                    logits_by_class, labels, relu, h, sums,
                 )  # fmt: skip
         if self.output_slot.size:
             output_sums = np.empty(self.output_slot.size)

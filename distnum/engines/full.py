@@ -5,17 +5,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from distnum.engines.base import checked_indices, checked_params
+from distnum.engines.base import ShardEngine, checked_params
 from distnum.gradient import central_differences
-from distnum.models import ParamLayout, batch_loss, checked_batch
+from distnum.models import batch_loss, checked_batch
 
 
-class FullEngine:
+class FullEngine(ShardEngine):
     """Central differences of the batch loss over `indices`, by full forward passes."""
-
-    def __init__(self, layout: ParamLayout, indices: np.ndarray) -> None:
-        self.layout = layout
-        self.indices = checked_indices(layout, indices)
 
     def __call__(self, flat: np.ndarray, x: np.ndarray, labels: np.ndarray, h: float) -> np.ndarray:
         """g (len(indices),) for the parameters flat (layout.size,), a batch x (B, I) and its
