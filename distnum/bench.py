@@ -16,6 +16,8 @@ from distnum.engines.base import one_blas_thread
 from distnum.models import MultiLayerNet, ParamLayout
 from distnum.vecmath import exp_array, log_array
 
+WARMUP_STEPS = 5  # untimed steps before bench_workers times a run
+
 
 def median_seconds(call: Callable[[], object], repeat: int) -> float:
     times = []
@@ -146,19 +148,14 @@ def format_engine_rows(rows: list[dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-class BusyEngine:
-    """An engine that computes nothing but keeps its core busy for `seconds` of its own CPU
-    time per call, then gives a zero slice, for the cost model: with seconds 0, what a step
-    costs beyond the workers' compute (o); with an actor's compute time, what sharing the
-    cores costs beyond that compute (q)."""
+class IdleEngine:
+    """An engine that computes nothing and gives a zero slice: what a step costs beyond the
+    workers' compute (the cost model's o)."""
 
-    def __init__(self, layout: object, indices: np.ndarray, seconds: float = 0.0) -> None:
-        self.size, self.seconds = len(indices), seconds
+    def __init__(self, layout: object, indices: np.ndarray) -> None:
+        self.size = len(indices)
 
     def __call__(self, flat: np.ndarray, x: np.ndarray, labels: np.ndarray, h: float) -> np.ndarray:
-        end = time.thread_time() + self.seconds
-        while time.thread_time() < end:
-            pass
         return np.zeros(self.size)
 
 
@@ -185,19 +182,19 @@ def bench_workers(
         step_s, compute_s = [], []
         try:
             previous = None
-            for step in range(steps + 5):  # the first 5 warm up
+            for step in range(steps + WARMUP_STEPS):
                 batch = rng.choice(len(x_train), batch_size)
                 started = time.perf_counter()
                 # as the training loop does: the previous step's loss comes with this gradient
                 grad, computing, _ = gradient.step(flat, batch, previous)
                 flat -= lr * grad
                 previous = batch
-                if step >= 5:
+                if step >= WARMUP_STEPS:
                     step_s.append(time.perf_counter() - started)
                     compute_s.append(computing)
             hosts = gradient.channel.hosts if gradient.channel is not None else []
-            sent = [host.bytes_sent / (steps + 5) for host in hosts]
-            received = [host.bytes_received / (steps + 5) for host in hosts]
+            sent = [host.bytes_sent / (steps + WARMUP_STEPS) for host in hosts]
+            received = [host.bytes_received / (steps + WARMUP_STEPS) for host in hosts]
             nodes_used = len(gradient.actors_per_node)
             training_set_bytes = gradient.training_set_bytes
         finally:

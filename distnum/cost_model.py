@@ -1,22 +1,26 @@
 """What a training step costs on N worker actors, measured and predicted (`distnum bench
 --model`):
 
-    T(N) = ((C - f) / N + f) * max(1, N / cores) * s  +  o(N, P, bandwidth)  +  q(N)
+    T(N) = K(N)  +  o(N, P, bandwidth)
 
-- C: one worker's compute for the whole gradient of a batch (its slice and its rows of the
-  previous step's loss), measured with the fast engine and 1 actor;
-- f: what every actor computes whatever its shard's size: the batch's forward pass and its
-  distinct pixel values, measured as the fast engine's time for a shard of one W1 entry;
-- s: how much slower each of `cores` processes computes when all compute at once (shared
-  caches, memory bandwidth, hyperthreads), measured with the engine in plain processes;
-  1 for one actor. More actors than cores share them: the max(1, N / cores);
-- o: the rest of the step, measured with an engine that computes nothing (BusyEngine, 0 s), for
-  N actors on the driver's node, and on 2 hosts when the cluster has a second node;
-- q: what more actors than cores lose to sharing them, beyond their compute: each wakes at
-  once and waits for a core, and a short burst of compute (a few ms at hidden 50) is no
-  longer than the scheduler's time slices. Measured with an engine that keeps its core
-  busy for each actor's time, (C - f) / N + f, and computes nothing (BusyEngine): its step
-  time minus that compute shared among the cores and minus o(N). 0 for N <= cores.
+the step's compute plus the rest of it, each measured without the other: the model's claim
+is that they add, neither slowing the other.
+
+- K(N): the compute of a step with N actors, measured without Ray: N processes of their own
+  (spawned, so each has its own memory, as an actor has), each with its shard's fast
+  engine, released together each step to compute its slice and its rows of the previous
+  step's loss, as the actors do; the step's compute lasts until the last is done. It is
+  what C / N becomes on this machine: C = K(1), one worker's compute for the whole
+  gradient; f, what every actor computes whatever its shard's size (the batch's forward
+  pass and its pixel values, its units' setup); the cores shared once the actors outnumber
+  them; and what sharing costs (caches refilled, the scheduler's slices, the slowest
+  actor waited for);
+- f is fitted to the processes' own CPU time per step, (C - f) / N + f over every N; and
+  s = K(cores) / ((C - f) / cores + f), how much slower a step's compute is with every core
+  computing than the work's share of one core predicts;
+- o: the rest of the step (Ray, the transfers, gathering, the update), measured with an
+  engine that computes nothing (IdleEngine), for N actors on the driver's node, and on 2
+  hosts when the cluster has a second node.
 
 Across H hosts of c cores each (hosts like this machine), the driver sends each other host
 one copy of the parameters (8P bytes) and receives its slice (8P / H), one host after the
@@ -31,65 +35,119 @@ over the hidden sizes gives d0 and the bandwidth between the hosts measured (B_h
 
 from __future__ import annotations
 
-import concurrent.futures
 import multiprocessing
+import multiprocessing.queues
+import multiprocessing.synchronize
 import os
+import queue
+import threading
 import time
-from functools import partial
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from distnum.bench import BusyEngine, bench_workers, median_seconds, whole_gradient
-from distnum.distributed import cluster_nodes
+from distnum.bench import WARMUP_STEPS, IdleEngine, bench_workers
+from distnum.distributed import cluster_nodes, sample_losses, shard_slice
 from distnum.engines import FastEngine
 from distnum.models import ParamLayout, TwoLayerNet
+from distnum.sharding import make_shards
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-FORMULA = "((C - f)/N + f) * max(1, N/cores) * s + o(N) + q(N)"
-OVERHEAD_WORKERS = [1, 2, 4, 8, 16]  # o and q measured
+FORMULA = "K(N) + o(N)"
+OVERHEAD_WORKERS = [1, 2, 4, 8, 16]  # K and o measured
 CHECKED_UP_TO = 8  # up to so many actors, steps measured with the fast engine too
-SLOWDOWN_SECONDS = 2.0  # each engine process's run, alone and all together
+BARRIER_TIMEOUT_S = 300.0  # for every shard's process to start and compute a step
 HOST_COUNTS = [1, 2, 4, 8, 16, 32, 64]
 BANDWIDTHS = {"10 Gbit/s": 10e9 / 8, "25 Gbit/s": 25e9 / 8}  # bytes per second
 
 
-def fixed_seconds(x: np.ndarray, labels: np.ndarray, net: TwoLayerNet, h: float) -> float:
-    """f: the fast engine's median time for a shard of one W1 entry."""
-    engine = FastEngine(net.layout, np.array([0]))
-    engine(net.flat_params, x, labels, h)  # compiled, or loaded from numba's cache
-    return median_seconds(lambda: engine(net.flat_params, x, labels, h), 20)
+def shard_steps(layout: ParamLayout, flat: np.ndarray, indices: np.ndarray, x: np.ndarray,
+                t: np.ndarray, batches: np.ndarray, loss_rows: list[np.ndarray], h: float,
+                barrier: multiprocessing.synchronize.Barrier,
+                results: multiprocessing.queues.Queue) -> None:  # fmt: skip
+    """In a process of its own, what an actor computes each step (batches (S, B), and the
+    rows of the loss it computes each step) once every shard's process is ready: puts
+    (started, ended, its CPU seconds) per step on results, or the error that stopped it."""
+    try:
+        engine = FastEngine(layout, indices)
+        shard_slice(engine, len(indices), flat, x[:2], t[:2], h)  # compiled, or loaded
+        times = []
+        for batch, rows in zip(batches, loss_rows, strict=True):
+            barrier.wait(BARRIER_TIMEOUT_S)
+            started, cpu = time.perf_counter(), time.thread_time()
+            shard_slice(engine, len(indices), flat, x[batch], t[batch], h)
+            sample_losses(layout, flat, x, t, rows)
+            times.append((started, time.perf_counter(), time.thread_time() - cpu))
+        results.put(times)
+    except threading.BrokenBarrierError:
+        results.put(None)  # another shard's process failed, and says why, or timed out
+    except BaseException as error:  # the parent reports it; the others' barrier breaks
+        barrier.abort()
+        results.put(f"{type(error).__name__}: {error}")
 
 
-def gradient_seconds(layout: ParamLayout, flat: np.ndarray, x: np.ndarray, labels: np.ndarray,
-                     h: float, duration_s: float) -> list[float]:  # fmt: skip
-    """Seconds of each whole fast gradient computed in duration_s (in a process of its own)."""
-    gradient = whole_gradient(layout, flat, x, labels, h)
-    times: list[float] = []
-    end = time.perf_counter() + duration_s
-    while time.perf_counter() < end or len(times) < 3:
-        started = time.perf_counter()
-        gradient()
-        times.append(time.perf_counter() - started)
-    return times
-
-
-def parallel_slowdown(x: np.ndarray, labels: np.ndarray, net: TwoLayerNet, h: float,
-                      processes: int, duration_s: float) -> float:  # fmt: skip
-    """s: a fast gradient's median time with `processes` processes computing at once, over
-    its time alone."""
+def compute_seconds(layout: ParamLayout, flat: np.ndarray, x: np.ndarray, t: np.ndarray,
+                    batches: np.ndarray, shards: list[np.ndarray],
+                    h: float) -> tuple[float, float]:  # fmt: skip
+    """K: the median seconds from the first shard's start to the last one's end of a step,
+    each shard computing in a process of its own (spawned: its own memory, as an actor
+    has), released together each step; and the median CPU seconds a shard spends."""
     context = multiprocessing.get_context("spawn")
-    medians = []
-    for count in (1, processes):
-        with concurrent.futures.ProcessPoolExecutor(count, mp_context=context) as pool:
-            runs = [pool.submit(gradient_seconds, net.layout, net.flat_params, x, labels, h,
-                                duration_s) for _ in range(count)]  # fmt: skip
-            # the middle of each run, when all were computing: not their starts and ends
-            times = np.concatenate([np.array(run.result())[1:-1] for run in runs])
-        medians.append(float(np.median(times)))
-    return medians[1] / medians[0]
+    barrier, results = context.Barrier(len(shards)), context.Queue()
+    previous = np.roll(batches, 1, axis=0)  # each step's loss: the step before's batch
+    split = [np.array_split(rows, len(shards)) for rows in previous]
+    processes = [
+        context.Process(
+            target=shard_steps,
+            daemon=True,
+            args=(
+                layout,
+                flat,
+                indices,
+                x,
+                t,
+                batches,
+                [rows[k] for rows in split],
+                h,
+                barrier,
+                results,
+            ),
+        )  # fmt: skip
+        for k, indices in enumerate(shards)
+    ]
+    try:
+        for process in processes:
+            process.start()
+        answers = [results.get(timeout=BARRIER_TIMEOUT_S) for _ in processes]
+    except queue.Empty:
+        answers = [None]
+    finally:
+        for process in processes:
+            process.join(timeout=1)
+            if process.is_alive():
+                process.kill()
+                process.join()
+    failed = [answer for answer in answers if isinstance(answer, str)]
+    if failed or None in answers:
+        reason = failed[0] if failed else f"no answer in {BARRIER_TIMEOUT_S:.0f} s"
+        raise RuntimeError(f"measuring the compute of {len(shards)} shards: {reason}")
+    times = np.array(answers)[:, WARMUP_STEPS:]  # (shards, steps, 3)
+    step = times[:, :, 1].max(axis=0) - times[:, :, 0].min(axis=0)
+    return float(np.median(step)), float(np.median(times[:, :, 2]))
+
+
+def fitted_fixed_seconds(cpu_s: dict[int, float]) -> float:
+    """f, from a shard's CPU seconds with each number of shards N: the least-squares fit of
+    cpu(N) = (cpu(1) - f) / N + f, that is cpu(N) - cpu(1) / N = f (1 - 1 / N); 0 when no N
+    but 1 was measured, and never below 0."""
+    counts = np.array([n for n in cpu_s if n > 1], dtype=float)
+    if not counts.size:
+        return 0.0
+    share = 1 - 1 / counts
+    excess = np.array([cpu_s[int(n)] for n in counts]) - cpu_s[1] / counts
+    return max(float(share @ excess / (share @ share)), 0.0)
 
 
 def measure(x_train: np.ndarray, t_train: np.ndarray, hidden: int, seed: int, h: float,
@@ -106,30 +164,34 @@ def measure(x_train: np.ndarray, t_train: np.ndarray, hidden: int, seed: int, h:
     common = {"steps": steps, "net": net, "seed": seed, "h": h, "batch_size": batch_size}
     checked_workers = [n for n in workers if n <= CHECKED_UP_TO]
     checked = bench_workers(x_train, t_train, checked_workers, nodes=[here], **common)
-    idle = bench_workers(x_train, t_train, workers, engine=BusyEngine, nodes=[here], **common)
-    batch = np.random.default_rng(seed).choice(len(x_train), batch_size)
+    idle = bench_workers(x_train, t_train, workers, engine=IdleEngine, nodes=[here], **common)
+    # the steps' rows only, numbered anew: each process gets a copy of them
+    rng = np.random.default_rng(seed)
+    drawn = [rng.choice(len(x_train), batch_size) for _ in range(steps + WARMUP_STEPS)]
+    used, batches = np.unique(drawn, return_inverse=True)
+    density = np.count_nonzero(x_train, axis=0) / len(x_train)
+    compute, cpu = {}, {}
+    for n in workers:
+        shards = make_shards(net.layout, density, n)
+        compute[n], cpu[n] = compute_seconds(net.layout, net.flat_params, x_train[used],
+                                             t_train[used], batches, shards, h)  # fmt: skip
     report = {
         "hidden": hidden,
         "params": checked[0]["params"],
         "cores": cores,
-        "compute_s": checked[0]["median_compute_s"],
-        "fixed_s": fixed_seconds(x_train[batch], t_train[batch], net, h),
-        "slowdown": parallel_slowdown(
-            x_train[batch], t_train[batch], net, h, cores, SLOWDOWN_SECONDS
-        ),  # fmt: skip
+        "step_compute_s": compute,
+        "shard_cpu_s": cpu,
+        "compute_s": compute[1],
+        "fixed_s": fitted_fixed_seconds(cpu),
         "overhead_s": {r["workers"]: r["median_overhead_s"] for r in idle},
         "measured_steps_per_s": {r["workers"]: r["steps_per_s"] for r in checked},
     }
-    report["sharing_s"] = {n: 0.0 for n in workers}
-    for n in (n for n in workers if n > cores):
-        burst = actor_seconds(report, n)
-        (busy,) = bench_workers(x_train, t_train, [n], engine=partial(BusyEngine, seconds=burst),
-                                nodes=[here], **common)  # fmt: skip
-        shared = burst * n / cores + report["overhead_s"][n]
-        report["sharing_s"][n] = max(busy["median_step_s"] - shared, 0.0)
+    report["slowdown"] = compute[cores] / actor_seconds(report, cores)
+    report["closed_form_error"] = {n: closed_form_seconds(report, n, cores) / compute[n] - 1
+                                   for n in workers}  # fmt: skip
     if others:
         workers = sorted(set(workers) | {2})
-        two = bench_workers(x_train, t_train, [n for n in workers if n > 1], engine=BusyEngine,
+        two = bench_workers(x_train, t_train, [n for n in workers if n > 1], engine=IdleEngine,
                             nodes=[here, others[0]], **common)  # fmt: skip
         report["two_host_overhead_s"] = {r["workers"]: r["median_overhead_s"] for r in two}
         report["bytes_to_each_host"] = {r["workers"]: r["bytes_to_each_host"] for r in two}
@@ -169,20 +231,23 @@ def actor_seconds(model: dict, workers: int) -> float:
     return (model["compute_s"] - model["fixed_s"]) / workers + model["fixed_s"]
 
 
+def closed_form_seconds(model: dict, actors: int, cores: int) -> float:
+    """((C - f) / N + f) * max(1, N / cores) * s: K(N) in closed form, for N actors on
+    `cores` cores (s for more than one actor), as the projection across hosts uses it."""
+    contention = model["slowdown"] if actors > 1 else 1.0
+    return actor_seconds(model, actors) * max(1.0, actors / cores) * contention
+
+
 def step_seconds(model: dict, workers: int) -> float:
     """T(N) on one node."""
-    contention = model["slowdown"] if workers > 1 else 1.0
-    shared = max(1.0, workers / model["cores"]) * contention
-    return (actor_seconds(model, workers) * shared + model["overhead_s"][workers]
-            + model["sharing_s"][workers])  # fmt: skip
+    return model["step_compute_s"][workers] + model["overhead_s"][workers]
 
 
 def host_step_seconds(model: dict, hosts: int, bandwidth: float) -> float:
     """T_H: hosts of `cores` cores each, one actor per core, the driver's link at bandwidth
     bytes per second."""
-    cores, params_bytes, fixed = model["cores"], 8 * model["params"], model["fixed_s"]
-    contention = model["slowdown"] if hosts * cores > 1 else 1.0
-    compute = ((model["compute_s"] - fixed) / (hosts * cores) + fixed) * contention
+    cores, params_bytes = model["cores"], 8 * model["params"]
+    compute = closed_form_seconds(model, hosts * cores, hosts * cores)
     per_host = model["host_fixed_s"] + (params_bytes + params_bytes / hosts) / bandwidth
     return compute + model["overhead_s"][cores] + (hosts - 1) * per_host
 
@@ -193,16 +258,20 @@ def speedup(model: dict, hosts: int, bandwidth: float) -> float:
 
 def format_model(models: list[dict]) -> str:
     workers, checked = list(models[0]["overhead_s"]), list(models[0]["measured_steps_per_s"])
-    sharing = [n for n in workers if n > models[0]["cores"]]
     lines = [f"the cost model, T(N) = {FORMULA}:",
              f"{'hidden':>6} {'params':>8} {'C ms':>7} {'f ms':>6} {'s':>5}  "
-             + "  ".join(f"{f'o({n}) ms':>8}" for n in workers) + "  "
-             + "  ".join(f"{f'q({n}) ms':>8}" for n in sharing)]  # fmt: skip
+             + "  ".join(f"{f'K({n}) ms':>8}" for n in workers) + "  "
+             + "  ".join(f"{f'o({n}) ms':>8}" for n in workers)]  # fmt: skip
     for m in models:
         lines.append(f"{m['hidden']:>6} {m['params']:>8} {m['compute_s'] * 1e3:>7.2f} "
                      f"{m['fixed_s'] * 1e3:>6.2f} {m['slowdown']:>5.2f}  "
-                     + "  ".join(f"{m['overhead_s'][n] * 1e3:>8.2f}" for n in workers) + "  "
-                     + "  ".join(f"{m['sharing_s'][n] * 1e3:>8.2f}" for n in sharing))  # fmt: skip
+                     + "  ".join(f"{m['step_compute_s'][n] * 1e3:>8.2f}" for n in workers) + "  "
+                     + "  ".join(f"{m['overhead_s'][n] * 1e3:>8.2f}" for n in workers))  # fmt: skip
+    lines.append("\nK(N) in closed form, ((C - f)/N + f) * max(1, N/cores) * s, against K(N):")
+    lines.append(f"{'hidden':>6}  " + "  ".join(f"{f'N={n}':>6}" for n in workers))
+    for m in models:
+        errors = m["closed_form_error"]
+        lines.append(f"{m['hidden']:>6}  " + "  ".join(f"{errors[n]:>+6.0%}" for n in workers))
     lines.append(f"\nsteps/s on one node ({models[0]['cores']} cores), predicted / measured:")
     lines.append(f"{'hidden':>6}  " + "  ".join(f"{f'N={n}':>20}" for n in checked))
     for m in models:

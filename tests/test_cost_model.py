@@ -4,11 +4,14 @@ machine's Ray (across hosts: tests/test_cluster.py)."""
 from __future__ import annotations
 
 import json
+import multiprocessing
 
+import numpy as np
 import pytest
 
 from distnum import cost_model
 from distnum.cli import run
+from distnum.models import TwoLayerNet
 from distnum.options import option
 
 
@@ -17,20 +20,44 @@ def a_model(**changes) -> dict:
         "params": 1000, "cores": 2, "compute_s": 0.010, "fixed_s": 0.002, "slowdown": 1.2,
         "host_fixed_s": 0.001,
         "overhead_s": {1: 0.0003, 2: 0.0004, 4: 0.0008, 8: 0.002},
-        "sharing_s": {1: 0.0, 2: 0.0, 4: 0.001, 8: 0.004},
+        "step_compute_s": {1: 0.010, 2: 0.0072, 4: 0.0079, 8: 0.013},
     }  # fmt: skip
     return {**model, **changes}
 
 
-def test_the_model_shares_the_compute_among_the_cores_and_adds_the_overhead():
+def test_a_step_is_its_compute_plus_what_the_idle_engine_measured():
     model = a_model()
     assert cost_model.step_seconds(model, 1) == pytest.approx(0.010 + 0.0003)
-    # each actor: its share of the work that divides, and all of the fixed work
-    assert cost_model.step_seconds(model, 2) == pytest.approx((0.004 + 0.002) * 1.2 + 0.0004)
-    # more actors than cores: each computes less, but on a share of a core, and loses q
-    assert cost_model.step_seconds(model, 8) == pytest.approx(
-        (0.001 + 0.002) * 4 * 1.2 + 0.002 + 0.004
-    )
+    assert cost_model.step_seconds(model, 8) == pytest.approx(0.013 + 0.002)
+
+
+def test_the_fixed_work_is_fitted_to_a_shards_cpu_time():
+    total, fixed = 0.012, 0.0015
+    cpu = {n: (total - fixed) / n + fixed for n in (1, 2, 4, 8)}
+    assert cost_model.fitted_fixed_seconds(cpu) == pytest.approx(fixed)
+    noisy = {n: s * (1.03 if n % 4 == 0 else 0.98) for n, s in cpu.items()}
+    assert cost_model.fitted_fixed_seconds(noisy) == pytest.approx(fixed, rel=0.5)
+    assert cost_model.fitted_fixed_seconds({1: total}) == 0.0  # nothing to fit it to
+    # shards cheaper than their share: no negative fixed work
+    assert cost_model.fitted_fixed_seconds({1: total, 2: total / 3}) == 0.0
+
+
+def test_the_compute_of_a_step_in_processes_of_its_own(mnist, monkeypatch):
+    """K: real spawned processes, one per shard, released together each step; none is left."""
+    (x, t), _ = mnist
+    net = TwoLayerNet(784, 10, 10, seed=0)
+    batches = np.arange(600).reshape(6, 100)  # 1 warm-up step and 5 timed
+    shards = np.array_split(np.arange(net.layout.size), 2)
+    monkeypatch.setattr(cost_model, "WARMUP_STEPS", 1)
+    step_s, cpu_s = cost_model.compute_seconds(net.layout, net.flat_params, x[:600], t[:600],
+                                               batches, shards, 1e-4)  # fmt: skip
+    assert 0 < cpu_s < 1 and cpu_s < step_s * 1.5
+    # a shard that fails (an index past the parameters) stops them all, with its reason
+    bad = [shards[0], np.array([net.layout.size])]
+    with pytest.raises(RuntimeError, match=r"2 shards: ValueError: parameter indices"):
+        cost_model.compute_seconds(net.layout, net.flat_params, x[:600], t[:600], batches, bad,
+                                   1e-4)  # fmt: skip
+    assert multiprocessing.active_children() == []
 
 
 def test_more_hosts_pay_until_the_drivers_link_carries_the_parameters_to_each():
@@ -59,7 +86,6 @@ def test_the_host_cost_splits_into_a_fixed_part_and_bytes_over_the_link_measured
 
 def test_bench_model_on_this_machine_prints_and_plots(mnist_dir, ray_session, tmp_path, capsys,
                                                       monkeypatch):  # fmt: skip
-    monkeypatch.setattr(cost_model, "SLOWDOWN_SECONDS", 0.3)
     png = tmp_path / "model.png"
     status = run(["bench", "--model", "--data-dir", str(mnist_dir), "--hidden-sizes", "10",
                    "--workers", "1", "3", "--steps", "4", "--plot", str(png),
@@ -70,11 +96,13 @@ def test_bench_model_on_this_machine_prints_and_plots(mnist_dir, ray_session, tm
     assert model["hidden"] == 10 and model["params"] == 784 * 10 + 10 + 10 * 10 + 10
     assert list(model["overhead_s"]) == ["1", "2", "3"]  # 1 and the 2 cores always
     assert list(model["measured_steps_per_s"]) == ["1", "2", "3"]
-    assert 0 < model["fixed_s"] < model["compute_s"] and 0.5 < model["slowdown"] < 4
-    # q: measured only with more actors than the 2 cores
-    assert model["sharing_s"]["1"] == model["sharing_s"]["2"] == 0.0
-    assert model["sharing_s"]["3"] >= 0.0
+    assert list(model["step_compute_s"]) == list(model["shard_cpu_s"]) == ["1", "2", "3"]
+    assert model["compute_s"] == model["step_compute_s"]["1"]
+    assert 0 <= model["fixed_s"] < model["compute_s"] and 0.5 < model["slowdown"] < 4
+    assert model["closed_form_error"]["2"] == pytest.approx(0.0)  # s: K(cores) in closed form
     for n, predicted in model["predicted_steps_per_s"].items():
+        step = model["step_compute_s"][n] + model["overhead_s"][n]
+        assert predicted == pytest.approx(1 / step)
         measured = model["measured_steps_per_s"][n]
         assert model["prediction_error"][n] == pytest.approx(predicted / measured - 1)
     assert "two_host_overhead_s" not in model  # one node only
