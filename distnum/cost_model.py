@@ -47,8 +47,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from distnum.bench import WARMUP_STEPS, IdleEngine, bench_workers
+from distnum.data import ImageCodes
 from distnum.distributed import cluster_nodes, sample_losses, shard_slice
 from distnum.engines import FastEngine
+from distnum.engines.base import one_blas_thread
 from distnum.models import ParamLayout, TwoLayerNet
 from distnum.sharding import make_shards
 
@@ -58,80 +60,77 @@ if TYPE_CHECKING:
 FORMULA = "K(N) + o(N)"
 OVERHEAD_WORKERS = [1, 2, 4, 8, 16]  # K and o measured
 CHECKED_UP_TO = 8  # up to so many actors, steps measured with the fast engine too
-BARRIER_TIMEOUT_S = 300.0  # for every shard's process to start and compute a step
+BARRIER_TIMEOUT_S = 300.0  # for every shard's process to start, or to compute a step
 HOST_COUNTS = [1, 2, 4, 8, 16, 32, 64]
 BANDWIDTHS = {"10 Gbit/s": 10e9 / 8, "25 Gbit/s": 25e9 / 8}  # bytes per second
 
 
-def shard_steps(layout: ParamLayout, flat: np.ndarray, indices: np.ndarray, x: np.ndarray,
-                t: np.ndarray, batches: np.ndarray, loss_rows: list[np.ndarray], h: float,
-                barrier: multiprocessing.synchronize.Barrier,
+def shard_steps(layout: ParamLayout, flat: np.ndarray, indices: np.ndarray,
+                x: np.ndarray | ImageCodes, t: np.ndarray, batches: np.ndarray,
+                loss_rows: list[np.ndarray], h: float, barrier: multiprocessing.synchronize.Barrier,
                 results: multiprocessing.queues.Queue) -> None:  # fmt: skip
     """In a process of its own, what an actor computes each step (batches (S, B), and the
     rows of the loss it computes each step) once every shard's process is ready: puts
-    (started, ended, its CPU seconds) per step on results, or the error that stopped it."""
+    (started, ended, its CPU seconds) per step on results; or the error that stopped it;
+    or None when another's error or a timeout broke the barrier."""
     try:
         engine = FastEngine(layout, indices)
-        shard_slice(engine, len(indices), flat, x[:2], t[:2], h)  # compiled, or loaded
-        times = []
-        for batch, rows in zip(batches, loss_rows, strict=True):
-            barrier.wait(BARRIER_TIMEOUT_S)
-            started, cpu = time.perf_counter(), time.thread_time()
-            shard_slice(engine, len(indices), flat, x[batch], t[batch], h)
-            sample_losses(layout, flat, x, t, rows)
-            times.append((started, time.perf_counter(), time.thread_time() - cpu))
+        with one_blas_thread():  # as an actor has: one CPU, and its own thread's time counted
+            shard_slice(engine, len(indices), flat, x[:2], t[:2], h)  # compiled, or loaded
+            times = []
+            for batch, rows in zip(batches, loss_rows, strict=True):
+                barrier.wait(BARRIER_TIMEOUT_S)
+                started, cpu = time.perf_counter(), time.thread_time()
+                shard_slice(engine, len(indices), flat, x[batch], t[batch], h)
+                sample_losses(layout, flat, x, t, rows)
+                times.append((started, time.perf_counter(), time.thread_time() - cpu))
         results.put(times)
     except threading.BrokenBarrierError:
-        results.put(None)  # another shard's process failed, and says why, or timed out
+        results.put(None)
     except BaseException as error:  # the parent reports it; the others' barrier breaks
         barrier.abort()
         results.put(f"{type(error).__name__}: {error}")
 
 
-def compute_seconds(layout: ParamLayout, flat: np.ndarray, x: np.ndarray, t: np.ndarray,
-                    batches: np.ndarray, shards: list[np.ndarray],
+def compute_seconds(layout: ParamLayout, flat: np.ndarray, x: np.ndarray | ImageCodes,
+                    t: np.ndarray, batches: np.ndarray, shards: list[np.ndarray],
                     h: float) -> tuple[float, float]:  # fmt: skip
     """K: the median seconds from the first shard's start to the last one's end of a step,
     each shard computing in a process of its own (spawned: its own memory, as an actor
-    has), released together each step; and the median CPU seconds a shard spends."""
+    has), released together each step; and the median CPU seconds a shard's thread spends
+    in a step. Raises RuntimeError, with the reason, when a shard's process fails."""
     context = multiprocessing.get_context("spawn")
     barrier, results = context.Barrier(len(shards)), context.Queue()
     previous = np.roll(batches, 1, axis=0)  # each step's loss: the step before's batch
     split = [np.array_split(rows, len(shards)) for rows in previous]
     processes = [
-        context.Process(
-            target=shard_steps,
-            daemon=True,
-            args=(
-                layout,
-                flat,
-                indices,
-                x,
-                t,
-                batches,
-                [rows[k] for rows in split],
-                h,
-                barrier,
-                results,
-            ),
-        )  # fmt: skip
+        context.Process(target=shard_steps, daemon=True,
+                        args=(layout, flat, indices, x, t, batches, [rows[k] for rows in split],
+                              h, barrier, results))
         for k, indices in enumerate(shards)
-    ]
+    ]  # fmt: skip
+    answers: list = []
     try:
         for process in processes:
             process.start()
-        answers = [results.get(timeout=BARRIER_TIMEOUT_S) for _ in processes]
-    except queue.Empty:
-        answers = [None]
+        while len(answers) < len(processes):  # each answers after its last step
+            try:
+                answers.append(results.get(timeout=1.0))
+            except queue.Empty:
+                lost = [p.exitcode for p in processes if p.exitcode not in (None, 0)]
+                if lost:  # killed, or out of memory: it cannot say why
+                    answers.append(f"a shard's process ended with exit code {lost[0]}")
+                    break
     finally:
         for process in processes:
-            process.join(timeout=1)
-            if process.is_alive():
-                process.kill()
-                process.join()
+            if process.pid is not None:  # started
+                process.join(timeout=1)
+                if process.is_alive():
+                    process.kill()
+                    process.join()
     failed = [answer for answer in answers if isinstance(answer, str)]
     if failed or None in answers:
-        reason = failed[0] if failed else f"no answer in {BARRIER_TIMEOUT_S:.0f} s"
+        reason = failed[0] if failed else f"no step in {BARRIER_TIMEOUT_S:.0f} s"
         raise RuntimeError(f"measuring the compute of {len(shards)} shards: {reason}")
     times = np.array(answers)[:, WARMUP_STEPS:]  # (shards, steps, 3)
     step = times[:, :, 1].max(axis=0) - times[:, :, 0].min(axis=0)
@@ -165,16 +164,20 @@ def measure(x_train: np.ndarray, t_train: np.ndarray, hidden: int, seed: int, h:
     checked_workers = [n for n in workers if n <= CHECKED_UP_TO]
     checked = bench_workers(x_train, t_train, checked_workers, nodes=[here], **common)
     idle = bench_workers(x_train, t_train, workers, engine=IdleEngine, nodes=[here], **common)
-    # the steps' rows only, numbered anew: each process gets a copy of them
+    # the steps' rows only, numbered anew, as the actors have them (uint8 codes when they are
+    # pixels): each process gets a copy, 16 MB for 200 steps of 100 MNIST images
     rng = np.random.default_rng(seed)
     drawn = [rng.choice(len(x_train), batch_size) for _ in range(steps + WARMUP_STEPS)]
     used, batches = np.unique(drawn, return_inverse=True)
+    batches = batches.reshape(len(drawn), batch_size)  # flat before numpy 2
+    codes = ImageCodes.of(x_train[used])
+    x_used = x_train[used] if codes is None else codes
     density = np.count_nonzero(x_train, axis=0) / len(x_train)
     compute, cpu = {}, {}
     for n in workers:
         shards = make_shards(net.layout, density, n)
-        compute[n], cpu[n] = compute_seconds(net.layout, net.flat_params, x_train[used],
-                                             t_train[used], batches, shards, h)  # fmt: skip
+        compute[n], cpu[n] = compute_seconds(net.layout, net.flat_params, x_used, t_train[used],
+                                             batches, shards, h)  # fmt: skip
     report = {
         "hidden": hidden,
         "params": checked[0]["params"],
@@ -253,6 +256,7 @@ def host_step_seconds(model: dict, hosts: int, bandwidth: float) -> float:
 
 
 def speedup(model: dict, hosts: int, bandwidth: float) -> float:
+    """T_1 / T_H: how many times faster a step is on `hosts` hosts than on one."""
     return host_step_seconds(model, 1, bandwidth) / host_step_seconds(model, hosts, bandwidth)
 
 

@@ -31,6 +31,15 @@ def test_a_step_is_its_compute_plus_what_the_idle_engine_measured():
     assert cost_model.step_seconds(model, 8) == pytest.approx(0.013 + 0.002)
 
 
+def test_the_closed_form_shares_the_work_that_divides_and_the_cores():
+    model = a_model()
+    assert cost_model.closed_form_seconds(model, 1, 2) == pytest.approx(0.010)
+    # each actor: its share of the work that divides, and all of the fixed work
+    assert cost_model.closed_form_seconds(model, 2, 2) == pytest.approx((0.004 + 0.002) * 1.2)
+    # more actors than cores: each computes less, but on a share of a core
+    assert cost_model.closed_form_seconds(model, 8, 2) == pytest.approx((0.001 + 0.002) * 4 * 1.2)
+
+
 def test_the_fixed_work_is_fitted_to_a_shards_cpu_time():
     total, fixed = 0.012, 0.0015
     cpu = {n: (total - fixed) / n + fixed for n in (1, 2, 4, 8)}
