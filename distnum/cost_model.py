@@ -15,9 +15,9 @@ is that they add, neither slowing the other.
   pass and its pixel values, its units' setup); the cores shared once the actors outnumber
   them; and what sharing costs (caches refilled, the scheduler's slices, the slowest
   actor waited for);
-- f is fitted to the processes' own CPU time per step, (C - f) / N + f over every N; and
-  s = K(cores) / ((C - f) / cores + f), how much slower a step's compute is with every core
-  computing than the work's share of one core predicts;
+- f is fitted to a process's own CPU time per step, cpu(N) = (cpu(1) - f) / N + f over
+  every N; and s = K(cores) / ((C - f) / cores + f), how much slower a step's compute is
+  with every core computing than the work's share of one core predicts;
 - o: the rest of the step (Ray, the transfers, gathering, the update), measured with an
   engine that computes nothing (IdleEngine), for N actors on the driver's node, and on 2
   hosts when the cluster has a second node.
