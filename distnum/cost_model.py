@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from distnum.bench import WARMUP_STEPS, IdleEngine, bench_workers
-from distnum.data import ImageCodes
+from distnum.data import ImageCodes, shipped_images
 from distnum.distributed import cluster_nodes, sample_losses, shard_slice
 from distnum.engines import FastEngine
 from distnum.engines.base import one_blas_thread
@@ -170,8 +170,7 @@ def measure(x_train: np.ndarray, t_train: np.ndarray, hidden: int, seed: int, h:
     drawn = [rng.choice(len(x_train), batch_size) for _ in range(steps + WARMUP_STEPS)]
     used, batches = np.unique(drawn, return_inverse=True)
     batches = batches.reshape(len(drawn), batch_size)  # flat before numpy 2
-    codes = ImageCodes.of(x_train[used])
-    x_used = x_train[used] if codes is None else codes
+    x_used = shipped_images(x_train[used])
     density = np.count_nonzero(x_train, axis=0) / len(x_train)
     compute, cpu = {}, {}
     for n in workers:

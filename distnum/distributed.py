@@ -32,7 +32,7 @@ from ray.util.client import ray as client_ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from distnum import node_channel
-from distnum.data import ImageCodes
+from distnum.data import shipped_images
 from distnum.engines import EngineFactory, make_engine
 from distnum.models import ParamLayout, checked_batch, per_sample_losses, total_loss
 from distnum.node_channel import (
@@ -220,9 +220,8 @@ class ShardedGradient:
         self.shard_indices = np.concatenate(self.shards)  # where each gathered value belongs
         bounds = np.cumsum([0, *map(len, self.shards)])
         self.places = [slice(lo, hi) for lo, hi in itertools.pairwise(bounds)]  # in the slices
-        codes = ImageCodes.of(x_train)
-        shipped = x_train if codes is None else codes
-        self.training_set_bytes = x_train.nbytes if codes is None else codes.codes.nbytes
+        shipped = shipped_images(x_train)
+        self.training_set_bytes = shipped.nbytes
         self.actor_args = (engine, layout, h, ray.put(shipped), ray.put(t_train))
         # more workers than CPUs share them, rather than wait for CPUs that never come
         node_cpus = {node["NodeID"]: node["Resources"].get("CPU", 0.0) for node in ray.nodes()}

@@ -26,6 +26,7 @@ from distnum.data import (
     download,
     load_mnist,
     locate,
+    shipped_images,
 )
 
 TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
@@ -69,7 +70,8 @@ def test_real_mnist_one_hot_unnormalized_unflattened(mnist_dir, monkeypatch):
 def test_the_training_set_ships_as_uint8_codes_and_reads_back_the_same_bits(mnist_dir, normalize):
     (x_train, _), _ = load_mnist(normalize=normalize, data_dir=mnist_dir)
     codes = ImageCodes.of(x_train)
-    assert codes.codes.dtype == np.uint8 and codes.codes.nbytes * 8 == x_train.nbytes
+    assert codes.codes.dtype == np.uint8 and codes.nbytes * 8 == x_train.nbytes
+    assert isinstance(shipped_images(x_train), ImageCodes)
     rows = np.random.default_rng(0).choice(len(x_train), 100)
     for picked in (rows, slice(0, 2), slice(59_990, None)):
         assert codes[picked].dtype == np.float64
@@ -84,6 +86,7 @@ def test_a_training_set_of_other_values_is_shipped_as_it_is():
     for other in (pixels + 1e-12, pixels * -1.0, pixels.astype(np.float32), pixels[:, :, None],
                   negative_zero):  # fmt: skip
         assert ImageCodes.of(other) is None
+        assert shipped_images(other) is other
 
 
 def test_uncompressed_and_gzip_read_the_same(tmp_path):
