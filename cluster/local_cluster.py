@@ -276,21 +276,22 @@ def how_to_run(info: dict, head: Node, cpus: int) -> dict[str, str]:
     """The commands that run a driver, and submit a job, on the cluster (from the head's
     namespace with --netns: the dashboard listens on its 127.0.0.1)."""
     prefix = shlex.join([*head.via, "env", "RAY_AUTH_MODE=token"])
-    return {
-        "driver": f"{prefix} distnum train --address {info['address']} --workers {cpus}",
-        "job_submit": f"{prefix} ray job submit --address {info['dashboard']} -- "
-        f"distnum train --address auto --workers {cpus}",
-    }
+    commands = {"driver": f"{prefix} distnum train --address {info['address']} --workers {cpus}"}
+    if info["dashboard"]:
+        commands["job_submit"] = (f"{prefix} ray job submit --address {info['dashboard']} -- "
+                                  f"distnum train --address auto --workers {cpus}")  # fmt: skip
+    return commands
 
 
 def record(state: Path, info: dict) -> None:
     (state / "cluster.json").write_text(json.dumps(info, indent=2))
 
 
-def start(head_cpus: int, worker_cpus: list[int], port: int, dashboard_port: int,
+def start(head_cpus: int, worker_cpus: list[int], port: int, dashboard_port: int | None,
           state: Path, netns: bool = False, rate: str | None = None) -> dict:  # fmt: skip
     """Start the cluster, recording in state/cluster.json what it makes before making it,
-    so that stop() removes it all, also after a failed start (which calls stop())."""
+    so that stop() removes it all, also after a failed start (which calls stop()). With no
+    dashboard_port, no dashboard (and no job server): a cluster for drivers alone."""
     if (state / "cluster.json").exists():
         raise SystemExit(f"local_cluster: a cluster is already recorded in {state}; stop it first")
     if netns:
@@ -305,7 +306,7 @@ def start(head_cpus: int, worker_cpus: list[int], port: int, dashboard_port: int
     head, *workers = nodes_of(network, nodes, state)
     info: dict = {
         "address": f"{head.ip}:{port}",
-        "dashboard": f"http://127.0.0.1:{dashboard_port}",
+        "dashboard": f"http://127.0.0.1:{dashboard_port}" if dashboard_port else None,
         "temp_dir": str(state / "ray"),
         "nodes": nodes,
     }
@@ -328,12 +329,14 @@ def start_nodes(info: dict, head: Node, workers: list[Node], head_cpus: int,
                 worker_cpus: list[int], ray: str, state: Path) -> None:  # fmt: skip
     """Start the head, then the worker nodes, and wait until all are alive; records the
     session and the pids of the nodes' processes."""
+    dashboard = (["--dashboard-host=127.0.0.1",
+                  f"--dashboard-port={info['dashboard'].rpartition(':')[2]}"]
+                 if info["dashboard"] else ["--include-dashboard=false"])  # fmt: skip
     run([
         *head.via, ray, "start", "--head", f"--node-ip-address={head.ip}",
         f"--port={info['address'].rpartition(':')[2]}", f"--num-cpus={head_cpus}",
-        "--dashboard-host=127.0.0.1", f"--dashboard-port={info['dashboard'].rpartition(':')[2]}",
-        f"--temp-dir={head.temp_dir}", f"--dashboard-agent-listen-port={free_port()}",
-        "--disable-usage-stats",
+        *dashboard, f"--temp-dir={head.temp_dir}",
+        f"--dashboard-agent-listen-port={free_port()}", "--disable-usage-stats",
     ])  # fmt: skip
     info["session"] = session_name(head.temp_dir)
     record(state, info)
@@ -413,7 +416,8 @@ def stop(state: Path, timeout_s: float = 60) -> int:
                 process.send_signal(signal.SIGTERM)
             except psutil.NoSuchProcess:
                 pass
-        _, still_alive = psutil.wait_procs(processes, timeout=10)
+        # most end at once; the GCS server takes its time (over 10 s), and has nothing to keep
+        _, still_alive = psutil.wait_procs(processes, timeout=2)
         for process in still_alive:
             try:
                 process.kill()
@@ -426,7 +430,7 @@ def stop(state: Path, timeout_s: float = 60) -> int:
     return len(ended)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--state",
@@ -436,7 +440,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     begin = commands.add_parser("start", help="start a head node and worker nodes")
-    begin.add_argument("--head-cpus", type=int, default=1)
+    begin.add_argument("--head-cpus", type=int, default=1,
+                       help="CPUs of the head node, where the driver runs (default 1)")  # fmt: skip
     begin.add_argument(
         "--worker-cpus",
         type=int,
@@ -455,6 +460,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     begin.add_argument("--rate", help="with --netns: each node's link rate, as tc says it (1gbit)")
     commands.add_parser("stop", help="end every process of the cluster, remove its namespaces")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "start":
         if args.rate and not args.netns:

@@ -119,7 +119,12 @@ def add_batch_options(parser: argparse.ArgumentParser) -> None:
         help="folder with the MNIST IDX files (default: "
         "DISTNUM_DATA, then the cache, then a download)",
     )
-    parser.add_argument("--batch-size", type=positive_int, default=100)
+    parser.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=100,
+        help="images in the batch, drawn from the training set (by --seed)",
+    )
     add_architecture_options(parser, {"hidden": [50], "activation": "sigmoid",
                                       "weight_decay": 0.0, "weight_init_std": None})  # fmt: skip
     parser.add_argument("--seed", type=whole_number(0), default=0, help="weights and batch")
@@ -154,34 +159,53 @@ def run_gradcheck(args: argparse.Namespace) -> int:
 
     from distnum.gradcheck import compare, train_with_backprop
 
+    if args.truth_sample:
+        try:
+            import mpmath  # noqa: F401 (the 50-digit column's)
+        except ImportError:
+            print("distnum: error: the 50-digit column needs mpmath: pip install "
+                  "'distnum[check]', or give --truth-sample 0", file=sys.stderr)  # fmt: skip
+            return 2
     x, labels, x_train, t_train = real_batch(args)
     rng = np.random.default_rng(args.seed)
     net = net_from_args(args, x.shape[1])
     train_with_backprop(net, x_train, t_train, args.train_steps, rng)
-    report = compare(net, x, labels, args.h, args.full_sample, rng)
+    report = compare(net, x, labels, args.h, args.full_sample, rng, args.truth_sample)
     print(
         f"gradcheck: a batch of {len(x)} MNIST images, {net.layout.describe()}, h {args.h:g}, "
         f"weights after {args.train_steps} backprop steps (seed {args.seed})"
     )
+    truth = args.truth_sample > 0
     print(
         f"{'array':<6}{'full checked':>13}{'max |fast-full|':>17}"
-        f"{'fast vs backprop':>18}{'full vs backprop':>18}   (relative: max|a-b|/max|b|)"
+        f"{'fast vs backprop':>18}{'full vs backprop':>18}"
+        + (f"{'truth checked':>14}{'|fast-truth|':>14}{'|full-truth|':>14}" if truth else "")
     )
     failed = False
     for name, r in report.items():
         bad = (
             r["fast_vs_full_abs"] > args.abs_tol
             or max(r["fast_vs_backprop_rel"], r["full_vs_backprop_rel"]) > args.rel_tol
+            or (truth and r["fast_vs_truth_abs"] > args.truth_tol)
         )
         failed |= bad
         print(
             f"{name:<6}{r['checked_full']:>13}{r['fast_vs_full_abs']:>17.2e}"
             f"{r['fast_vs_backprop_rel']:>18.2e}{r['full_vs_backprop_rel']:>18.2e}"
-            f"{'   OVER TOLERANCE' if bad else ''}"
-        )
+            + (f"{r['checked_truth']:>14}{r['fast_vs_truth_abs']:>14.2e}"
+               f"{r['full_vs_truth_abs']:>14.2e}" if truth else "")
+            + f"{'   OVER TOLERANCE' if bad else ''}"
+        )  # fmt: skip
     verdict = "FAILED" if failed else "ok"
     print(
-        f"tolerances: |fast-full| <= {args.abs_tol:g}, vs backprop <= {args.rel_tol:g}: {verdict}"
+        "vs backprop: max |a - backprop| / max |backprop|; truth: the same central "
+        "difference with every nudged loss evaluated to 50 digits (mpmath)"
+        if truth else "vs backprop: max |a - backprop| / max |backprop|"
+    )  # fmt: skip
+    print(
+        f"tolerances: |fast-full| <= {args.abs_tol:g}, vs backprop <= {args.rel_tol:g}"
+        + (f", |fast-truth| <= {args.truth_tol:g}" if truth else "")
+        + f": {verdict}"
     )
     return 1 if failed else 0
 
@@ -293,10 +317,11 @@ def run_train(args: argparse.Namespace) -> int:
     resumed = (f", resumed from step {summary['resumed_from_step']}"
                if summary["resumed_from_step"] is not None else "")  # fmt: skip
     print(
-        f"done: {summary['steps_run']} steps in {summary['wall_s']:.1f} s{resumed} "
-        f"({summary['steps_per_s']:.1f} steps/s, {where}, engine {summary['engine']}), "
-        f"loss {summary['final_loss']:.4g}, train_acc {summary['train_acc']:.4f}, "
-        f"test_acc {summary['test_acc']:.4f}; outputs in {summary['out']}"
+        f"done: {summary['steps_run']} steps at {summary['steps_per_s']:.1f} steps/s "
+        f"({summary['loop_s']:.1f} s of steps, {summary['wall_s']:.1f} s wall in all{resumed}; "
+        f"{where}, engine {summary['engine']}), loss {summary['final_loss']:#.4g}, "
+        f"train_acc {summary['train_acc']:.4f}, test_acc {summary['test_acc']:.4f}; outputs in "
+        f"{summary['out']}"
     )
     return 0
 
@@ -339,8 +364,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=2000,
         help="W1 coordinates the full engine checks (and every other parameter)",
     )
-    gradcheck.add_argument("--abs-tol", type=float, default=1e-9)
-    gradcheck.add_argument("--rel-tol", type=float, default=1e-6)
+    gradcheck.add_argument("--truth-sample", type=whole_number(0), default=10, metavar="N",
+                           help="coordinates of each array also evaluated to 50 digits (the "
+                           "truth column; 0: none)")  # fmt: skip
+    gradcheck.add_argument("--truth-tol", type=float, default=1e-15,
+                           help="the largest |fast - truth| that passes")  # fmt: skip
+    gradcheck.add_argument("--abs-tol", type=float, default=1e-9,
+                           help="the largest |fast - full| that passes")  # fmt: skip
+    gradcheck.add_argument("--rel-tol", type=float, default=1e-6,
+                           help="the largest max|a - backprop| / max|backprop| of fast and of "
+                           "full that passes")  # fmt: skip
     gradcheck.set_defaults(run=run_gradcheck)
 
     train = commands.add_parser("train", help="the notebook's MNIST training, over Ray",
@@ -420,7 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=400,
         help="coordinates the full engine is timed on",
     )
-    bench.add_argument("--repeat", type=positive_int, default=20)
+    bench.add_argument("--repeat", type=positive_int, default=20,
+                       help="timed calls of each engine; their median counts")  # fmt: skip
     bench.add_argument(
         "--workers",
         type=positive_int,

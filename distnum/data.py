@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from distnum.folders import make_folder, remove_empty
 from distnum.options import option
 
 IMAGE_MAGIC = 2051
@@ -170,10 +171,12 @@ def locate(dataset: str = "mnist", data_dir: str | os.PathLike | None = None) ->
         "copy the four IDX files into a folder DIR and set DISTNUM_DATA=DIR "
         f"(or give {option('data_dir', 'DIR')})"
     )
+    made = []
     try:  # before any download: a cache folder that cannot be made or written to
-        cache.mkdir(parents=True, exist_ok=True)
+        made = make_folder(cache)
         tempfile.TemporaryFile(dir=cache).close()
     except OSError as error:
+        remove_empty(made)
         raise DataError(
             f"{not_found} and the cache folder {cache} cannot be written to download it into "
             f"({error.strerror}): {use_own}, or set XDG_CACHE_HOME to a writable folder"
@@ -181,6 +184,7 @@ def locate(dataset: str = "mnist", data_dir: str | os.PathLike | None = None) ->
     try:
         download(info, cache)
     except DataError as failure:
+        remove_empty(made)  # the files already fetched stay, for the next try
         raise DataError(
             f"{not_found} and the download failed: {failure}. Offline, {use_own}"
         ) from None

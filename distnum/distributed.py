@@ -16,7 +16,6 @@ from __future__ import annotations
 import collections
 import itertools
 import os
-import re
 import secrets
 import signal
 import socket
@@ -548,21 +547,43 @@ def connect(address: str | None) -> bool:
         return True
     if address != "auto":
         check_reachable(address.removeprefix("ray://"))
+    if address != "auto" and not address.startswith("ray://"):
+        check_token_needed(address)
     try:
         init_keeping_signal_handlers(address=address, log_to_driver=False,
                                      logging_level="WARNING")  # fmt: skip
     except ConnectionError as error:
-        hint = ""
-        if re.search(r"auth|token", str(error), re.IGNORECASE) and (
-            os.environ.get("RAY_AUTH_MODE") != "token"
-        ):
-            hint = (
-                "; a cluster started by `ray start` authenticates with a token: set "
-                "RAY_AUTH_MODE=token, with the token in ~/.ray/auth_token or RAY_AUTH_TOKEN"
-            )
         raise ConnectionError(f"cannot join the Ray cluster at {address}: "
-                              f"{first_line(error)}{hint}") from None  # fmt: skip
+                              f"{first_line(error)}") from None  # fmt: skip
     return True
+
+
+TOKEN_HINT = (
+    "it authenticates with a token (as `ray start` sets up by default): set "
+    "RAY_AUTH_MODE=token, with the token in ~/.ray/auth_token or RAY_AUTH_TOKEN"
+)
+
+
+def check_token_needed(address: str, timeout_s: float = 5.0) -> None:
+    """A ConnectionError with the token hint when the cluster at host:port wants a token that
+    this process will not send (RAY_AUTH_MODE is not "token"): asked directly of its GCS,
+    whose unauthenticated answer is immediate, where ray.init would retry for 20 s, print a
+    warning a second and then name neither the token nor the address given."""
+    if os.environ.get("RAY_AUTH_MODE") == "token":
+        return
+    try:
+        import grpc
+        from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+    except ImportError:  # another Ray: ray.init will say what it says
+        return
+    with grpc.insecure_channel(address) as channel:
+        stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)
+        try:
+            stub.GetClusterId(gcs_service_pb2.GetClusterIdRequest(), timeout=timeout_s)
+        except grpc.RpcError as error:
+            if error.code() == grpc.StatusCode.UNAUTHENTICATED:
+                raise ConnectionError(f"cannot join the Ray cluster at {address}: "
+                                      f"{TOKEN_HINT}") from None  # fmt: skip
 
 
 def disconnect(owns_ray: bool) -> None:

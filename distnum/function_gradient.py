@@ -14,9 +14,9 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-import cloudpickle
 import numpy as np
 import ray
+from ray import cloudpickle
 
 from distnum.distributed import WorkerFailed, connect, disconnect, first_line, worker_failed
 from distnum.gradient import DEFAULT_H, central_differences, check_h, flat_view

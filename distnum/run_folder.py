@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 from distnum import checkpoint as checkpoints
+from distnum.folders import make_folder, remove_empty
 
 OUTPUTS = ("metrics.jsonl", "params.npz", "summary.json")
 LOCK_NAME = ".distnum.lock"
@@ -36,7 +37,7 @@ class RunFolder:
     def __init__(self, out: Path) -> None:
         self.out = Path(out)
         self.lock_fd: int | None = None
-        self.made = False  # whether claim() created OUT
+        self.made: list[Path] = []  # the folders claim() created: OUT, and its missing parents
 
     def claim(self) -> None:
         """Create OUT if needed and take its lock; RunFolderError when OUT cannot be written
@@ -45,8 +46,7 @@ class RunFolder:
         try:
             if self.out.exists() and not self.out.is_dir():
                 raise RunFolderError(f"{self.out} is a file; give a folder")
-            self.made = not self.out.exists()
-            self.out.mkdir(parents=True, exist_ok=True)
+            self.made = make_folder(self.out)
             fd = os.open(self.out / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as error:
             raise RunFolderError(f"cannot write in {self.out} ({error.strerror}); give a "
@@ -66,14 +66,14 @@ class RunFolder:
         self.lock_fd = fd
 
     def release(self) -> None:
-        """Give up the lock; a folder this claim made and nothing was written into goes
-        too, so that a run refused at the start leaves nothing behind."""
+        """Give up the lock; the folders this claim made (OUT, and its parents, such as
+        runs/) go too if nothing was written into them, so that a run refused or failing at
+        the start leaves nothing behind."""
         if self.lock_fd is None:
             return
-        lock = self.out / LOCK_NAME
         if self.made and [p.name for p in self.out.iterdir()] == [LOCK_NAME]:
-            lock.unlink()
-            self.out.rmdir()
+            (self.out / LOCK_NAME).unlink()
+            remove_empty(self.made)
         os.close(self.lock_fd)  # closing the file releases the lock
         self.lock_fd = None
 

@@ -343,6 +343,7 @@ class Run:
     def __init__(self, config: TrainConfig, folder: RunFolder, stop: StopRequests) -> None:
         self.folder, self.out, self.stop = folder, folder.out, stop
         self.started = time.perf_counter()
+        self.startup_s: float | None = None  # train() called to the first step: data, Ray, actors
         out = self.out
         self.checkpoints = checkpoints.Checkpoints(out, uuid.uuid4().hex)
         self.saved = None
@@ -516,7 +517,7 @@ class Run:
                 train_acc, test_acc = self.evaluate()
                 metrics.epoch(self.step, epoch, train_acc, test_acc)
                 progress.line(
-                    f"step {self.step:>6}  epoch {epoch:6.2f}  loss {loss:.4g}  "
+                    f"step {self.step:>6}  epoch {epoch:6.2f}  loss {loss:#.4g}  "
                     f"train_acc {train_acc:.4f}  test_acc {test_acc:.4f}"
                 )
 
@@ -560,6 +561,7 @@ class Run:
             "train_acc": train_acc,
             "test_acc": test_acc,
             "wall_s": time.perf_counter() - self.started,
+            "startup_s": self.startup_s,
             "loop_s": loop_s,
             "steps_per_s": steps_run / loop_s if steps_run else None,
             "mean_compute_s": compute_s / steps_run if steps_run else None,
@@ -648,8 +650,7 @@ def finish(run: Run) -> dict:
     if run.saved is not None:
         print(f"resumed from step {first_step} of {config.iters} in {run.out}", flush=True)
     run.stop_if_asked()
-    gradient, owns_ray = None, False
-    progress = Progress(config.iters, first_step, config.quiet)
+    gradient, owns_ray, progress = None, False, None
     try:
         # one BLAS thread: idle OpenBLAS threads spin, on the cores the workers need;
         # overflow shows as a non-finite loss or parameter, which ends the run: no warnings
@@ -662,10 +663,13 @@ def finish(run: Run) -> dict:
             run.stop_if_asked()
             if gradient.actors_per_node:  # where the actors run, for a job's logs
                 nodes = ", ".join(f"{node}: {n}" for node, n in gradient.actors_per_node.items())
-                progress.line(f"{gradient.num_workers} worker actors; per node: {nodes}")
+                print(f"{gradient.num_workers} worker actors; per node: {nodes}", flush=True)
             with writing(run.out, run.last_checkpoint):
                 run.metrics.start()
+            # the bar from here: its steps/s are the loop's, as the summary's and the last line's
+            progress = Progress(config.iters, first_step, config.quiet)
             loop_started = time.perf_counter()
+            run.startup_s = loop_started - run.started
             compute_s = run.loop(gradient, progress)
             loop_s = time.perf_counter() - loop_started
     except KeyboardInterrupt as interrupt:  # a second signal, or Ctrl-C outside our handler
@@ -676,7 +680,8 @@ def finish(run: Run) -> dict:
             f"{run.last_checkpoint}, in {run.out}; go on with {resume_hint(run.out)}"
         ) from None
     finally:
-        progress.close()
+        if progress is not None:
+            progress.close()
         if gradient is not None:
             gradient.close()
         if owns_ray:

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+# the tests' Ray (ray_session) authenticates with a token, as `ray start` sets one up; Ray
+# reads this when it is first imported (a Ray that ray.init starts sets it too)
+os.environ["RAY_AUTH_MODE"] = "token"
+
 from distnum.data import has_all_files, load_mnist
+
+CLUSTER = Path(__file__).resolve().parent.parent / "cluster"
 
 
 def real_mnist_dir() -> Path:
@@ -45,14 +53,34 @@ def mnist_batch(mnist):
     return x_train[mask], t_train[mask]
 
 
+def load_local_cluster():
+    """cluster/local_cluster.py, the script that starts and stops a Ray of one's own."""
+    spec = importlib.util.spec_from_file_location("local_cluster", CLUSTER / "local_cluster.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray for the whole test run (starting one costs seconds), shut down at the end."""
+    """One Ray for the tests that compute in this process (starting one costs seconds): a
+    head of 2 CPUs, no dashboard, started as `ray start` starts one, with a port of its own
+    for its dashboard agent (a Ray started by ray.init takes Ray's default, 52365, and every
+    other Ray started meanwhile, such as each `distnum train` the tests run as a process,
+    then waits 3-4 s for its agent's port); this process connected to it. Stopped by pid at
+    the end, leaving no process."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
-    yield ray
-    ray.shutdown()
+    local_cluster = load_local_cluster()
+    state = Path(f"/tmp/distnum-tests-{os.getpid()}")  # short: Ray's socket paths must be
+    info = local_cluster.start(2, [], local_cluster.free_port(), None, state)
+    try:
+        ray.init(address=info["address"], log_to_driver=False, logging_level="WARNING")
+        yield ray
+        ray.shutdown()
+    finally:
+        local_cluster.stop(state)
+        shutil.rmtree(state, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -63,3 +91,11 @@ def tiny_mnist(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("tiny-mnist")
     write_fake_mnist(directory, n_train=60, n_test=20)
     return directory
+
+
+@pytest.fixture
+def joining(ray_session) -> list[str]:
+    """The options that make a `distnum train` started as a process join the tests' Ray (in
+    a second or so) rather than start its own (5-7 s): for the tests of what a run does,
+    not of how it starts or ends Ray."""
+    return ["--address", ray_session.get_runtime_context().gcs_address]

@@ -3,7 +3,6 @@ through the Ray Jobs API, a driver from outside; and the cloud configs in cluste
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -17,15 +16,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import CLUSTER, load_local_cluster
 from run_helpers import TINY, reference_sha, start_train, summary_of, wait_until
 
 from distnum.cli import build_parser
 from distnum.training import train
 
-CLUSTER = Path(__file__).resolve().parent.parent / "cluster"
-spec = importlib.util.spec_from_file_location("local_cluster", CLUSTER / "local_cluster.py")
-local_cluster = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(local_cluster)
+local_cluster = load_local_cluster()
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +87,7 @@ def test_job_runs_on_both_nodes(jobs, mnist_dir, tmp_path):
     assert math.isfinite(summary["final_loss"])
     for node in summary["actors_per_node"]:
         assert node in logs  # the job's output shows where the actors ran
-    assert f"loss {summary['final_loss']:.4g}" in logs
+    assert f"loss {summary['final_loss']:#.4g}" in logs
 
 
 def test_job_with_a_bad_argument_fails_with_the_error_in_its_logs(jobs, tmp_path):
@@ -117,6 +114,22 @@ def test_driver_outside_the_cluster(cluster, mnist_dir, tmp_path):
     alone = train(iters=60, local=True, data_dir=str(mnist_dir), out=str(tmp_path / "alone"),
                   quiet=True)  # fmt: skip
     assert summary["params_sha256"] == alone["params_sha256"]
+
+
+def test_joining_without_the_token_says_how_to_give_it(cluster, tiny_mnist, tmp_path):
+    env = {name: value for name, value in os.environ.items() if name != "RAY_AUTH_MODE"}
+    started = time.monotonic()
+    run = subprocess.run(
+        [sys.executable, "-m", "distnum", "train", "--address", cluster["address"],
+         "--data-dir", str(tiny_mnist), "--out", str(tmp_path / "run"), "--quiet", *TINY],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 2, run.stderr
+    (line,) = run.stderr.splitlines()  # not Ray's warning a second for 20 s
+    assert line.startswith(f"distnum: error: cannot join the Ray cluster at {cluster['address']}:")
+    assert "RAY_AUTH_MODE=token" in line and "~/.ray/auth_token" in line
+    assert time.monotonic() - started < 15
+    assert list(tmp_path.iterdir()) == []  # the refused run left no folder
 
 
 def test_each_other_host_gets_one_copy_of_the_parameters_per_step(cluster, mnist_dir, tmp_path):

@@ -18,6 +18,7 @@ import pytest
 from idx_files import fake_split, idx_bytes, write_fake_mnist
 
 import distnum.data
+from distnum import cli
 from distnum.data import (
     DATASETS,
     DataError,
@@ -318,7 +319,19 @@ def test_offline_message_names_places_and_fix(isolated_cache, monkeypatch):
     assert "\n" not in message
     for part in ("DISTNUM_DATA", str(isolated_cache), "cannot connect", "data_dir="):
         assert part in message
-    assert_cache_empty(isolated_cache)
+    assert not isolated_cache.parent.parent.exists()  # no empty cache folder left behind
+
+
+def test_an_offline_train_leaves_no_folder_behind(isolated_cache, monkeypatch, tmp_path, capsys):
+    closed = Dataset("mnist", mirrors=("http://127.0.0.1:9/",), md5={"x.gz": "0" * 32})
+    monkeypatch.setitem(DATASETS, "mnist", closed)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert cli.run(["train", "--quiet"]) == 2
+    assert "Offline, copy the four IDX files" in capsys.readouterr().err
+    assert list(work.iterdir()) == []  # no runs/ and no runs/train-<time>/
+    assert not isolated_cache.parent.parent.exists()
 
 
 # --- bad files ---------------------------------------------------------------------------

@@ -5,7 +5,6 @@ links carry the rate limit. Needs root; skipped where network namespaces cannot 
 
 from __future__ import annotations
 
-import importlib.util
 import ipaddress
 import json
 import os
@@ -17,13 +16,11 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import load_local_cluster
 
 from distnum.training import train
 
-CLUSTER = Path(__file__).resolve().parent.parent / "cluster"
-spec = importlib.util.spec_from_file_location("local_cluster", CLUSTER / "local_cluster.py")
-local_cluster = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(local_cluster)
+local_cluster = load_local_cluster()
 
 BENCHMARK_RANGE = ipaddress.ip_network("198.18.0.0/15")
 

@@ -8,7 +8,6 @@ subprocess, and SIGTERM, SIGINT or SIGKILL is sent to it at the moment named."""
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import signal
@@ -18,7 +17,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
 from idx_files import write_fake_mnist
 from run_helpers import (
@@ -29,6 +27,7 @@ from run_helpers import (
     gradient_worker_processes,
     newest_checkpoint,
     reference_sha,
+    rewrite_manifest,
     start_train,
     summary_of,
     wait_until,
@@ -98,7 +97,7 @@ def test_clean_up_orders_by_step_past_seven_digits(tmp_path):
 
 def test_resume_without_iters_stops_at_the_runs_own(tiny_mnist, tmp_path):
     out = tmp_path / "run"
-    run = start_train("--local", "--iters", "3000", "--checkpoint-every", "1", "--quiet",
+    run = start_train("--local", "--iters", "1000", "--checkpoint-every", "1", "--quiet",
                       "--data-dir", str(tiny_mnist), "--out", str(out), *TINY)  # fmt: skip
     wait_until(lambda: checkpoint_steps(out) and checkpoint_steps(out)[-1] >= 60, 120, run)
     run.send_signal(signal.SIGKILL)
@@ -106,10 +105,10 @@ def test_resume_without_iters_stops_at_the_runs_own(tiny_mnist, tmp_path):
     status, stdout, stderr = finish(start_train("--resume", str(out), "--local", "--quiet"))
     assert status == 0, stderr
     summary = summary_of(out)
-    assert summary["iters"] == 3000 and summary["resumed_from_step"] >= 60
-    assert summary["steps_run"] == 3000 - summary["resumed_from_step"]
-    assert f"resumed from step {summary['resumed_from_step']} of 3000" in stdout
-    assert summary["params_sha256"] == reference_sha(tiny_mnist, tmp_path, 3000)
+    assert summary["iters"] == 1000 and summary["resumed_from_step"] >= 60
+    assert summary["steps_run"] == 1000 - summary["resumed_from_step"]
+    assert f"resumed from step {summary['resumed_from_step']} of 1000" in stdout
+    assert summary["params_sha256"] == reference_sha(tiny_mnist, tmp_path, 1000)
 
 
 def test_resume_settings_are_all_or_nothing(tiny_mnist, tmp_path):
@@ -137,15 +136,14 @@ def test_resume_on_other_data_is_refused(tiny_mnist, tmp_path):
 # --- exit statuses -----------------------------------------------------------------------
 
 
-def test_a_success_after_a_worker_was_replaced_exits_0(mnist_dir, tmp_path):
+def test_a_success_after_a_worker_was_replaced_exits_0(mnist_dir, tmp_path, joining):
     """The issue's probe: real MNIST, a worker actor killed at about step 60."""
     out = tmp_path / "run"
     args = ["--iters", "150", "--workers", "2", "--seed", "4", "--checkpoint-every", "30",
-            "--data-dir", str(mnist_dir), "--quiet"]  # fmt: skip
+            "--data-dir", str(mnist_dir), "--quiet", *joining]  # fmt: skip
     run = start_train(*args, "--out", str(out))
-    driver = psutil.Process(run.pid)
     wait_until(lambda: checkpoint_steps(out) and checkpoint_steps(out)[-1] >= 60, 300, run)
-    gradient_worker_processes(driver)[0].send_signal(signal.SIGKILL)
+    gradient_worker_processes()[0].send_signal(signal.SIGKILL)
     status, stdout, stderr = finish(run)
     assert status == 0, stderr
     assert stdout.strip().splitlines()[-1].startswith("done: 150 steps")
@@ -252,18 +250,18 @@ def test_sigterm_during_start_up_stops_with_a_checkpoint(tiny_mnist, tmp_path, d
 def test_ctrl_c_before_the_first_checkpoint_can_be_resumed(tiny_mnist, tmp_path):
     out = tmp_path / "run"
     metrics = out / "metrics.jsonl"
-    run = start_train("--local", "--iters", "3000", "--checkpoint-every", "1000", "--quiet",
+    run = start_train("--local", "--iters", "1000", "--checkpoint-every", "500", "--quiet",
                       "--data-dir", str(tiny_mnist), "--out", str(out), *TINY)  # fmt: skip
     wait_until(lambda: metrics.exists() and metrics.read_text().count('"loss"') >= 40, 120, run)
     run.send_signal(signal.SIGINT)
     status, _, stderr = finish(run)
     assert status == 130, stderr
     step = checkpoint_steps(out)[-1]
-    assert 40 <= step < 1000
-    assert f"stopped by SIGINT at step {step} of 3000" in one_line(stderr)
+    assert 40 <= step < 500
+    assert f"stopped by SIGINT at step {step} of 1000" in one_line(stderr)
     status, _, stderr = finish(start_train("--resume", str(out), "--local", "--quiet"))
     assert status == 0, stderr
-    assert summary_of(out)["params_sha256"] == reference_sha(tiny_mnist, tmp_path, 3000)
+    assert summary_of(out)["params_sha256"] == reference_sha(tiny_mnist, tmp_path, 1000)
 
 
 def test_resuming_a_finished_run_rewrites_its_missing_outputs(tiny_mnist, tmp_path):
@@ -335,16 +333,6 @@ def test_an_out_that_cannot_be_written_is_refused_before_anything(tmp_path, tiny
 
 
 # --- manifests read back trusting nothing --------------------------------------------------
-
-
-def rewrite_manifest(path: Path, change) -> None:
-    """Edit a manifest and make every checksum agree again, so that the check that must
-    catch the change is the one that looks at it."""
-    manifest = json.loads(path.read_text())
-    change(manifest)
-    if isinstance(manifest, dict):
-        manifest["manifest_sha256"] = checkpoints._digest(manifest)
-    path.write_text(json.dumps(manifest))
 
 
 def rewrite_arrays(path: Path, change) -> None:
@@ -504,10 +492,10 @@ def test_bad_arguments_from_python_fail_before_anything(case, tmp_path):
     assert not out.exists()  # checked before the folder, the data or Ray
 
 
-def test_too_many_workers_for_the_clusters_memory_is_refused(tiny_mnist, tmp_path):
+def test_too_many_workers_for_the_clusters_memory_is_refused(tiny_mnist, tmp_path, joining):
     status, _, stderr = finish(start_train("--workers", "100000", "--iters", "3", "--data-dir",
                                            str(tiny_mnist), "--out", str(tmp_path / "run"),
-                                           *TINY))  # fmt: skip
+                                           *TINY, *joining))  # fmt: skip
     assert status == 2, stderr
     line = one_line(stderr)
     assert "--workers 100000: 100000 worker actors need about" in line and "give at most" in line
