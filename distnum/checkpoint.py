@@ -31,6 +31,9 @@ from pathlib import Path
 import numpy as np
 
 FORMAT = 2
+# the fast engine's arithmetic, whose bits a resumed run must go on with: 2 is the delta form
+# (distnum 0.2); a checkpoint without it was computed by the earlier fast engine (distnum 0.1)
+FAST_ENGINE = 2
 OPTIMIZER_PREFIX = "optimizer_"  # the optimizer's arrays in the .npz, by their state names
 KEEP = 2  # the newest checkpoints of a run kept; older ones go once a newer one is whole
 MANIFEST_NAME = re.compile(r"step-(\d{7,})\.json")
@@ -190,6 +193,7 @@ class Checkpoints:
             "settings": checkpoint.settings,
             "data_sha256": checkpoint.data_sha256,
             "data_dir": checkpoint.data_dir,
+            "fast_engine": FAST_ENGINE,
         }
         manifest["manifest_sha256"] = _digest(manifest)
         path = self.folder / f"{name}.json"
@@ -232,6 +236,12 @@ def load(path: Path, step: int, check: Callable[[Checkpoint], None]) -> Checkpoi
         raise damaged(f"format {manifest['format']}, not {FORMAT}")
     if manifest["manifest_sha256"] != _digest(manifest):
         raise damaged("the manifest's checksum does not match its content (changed)")
+    if manifest["settings"].get("engine") == "fast" and manifest.get("fast_engine") != FAST_ENGINE:
+        raise CheckpointError(
+            f"{path}: its run's gradients come from the fast engine of distnum 0.1, before "
+            "its delta form; going on now would mix two engines' bits: finish the run with "
+            "distnum 0.1, or start it again with --overwrite"
+        )
     # a checkpoint written before the optimizers: its run used the chapter's plain SGD, whose
     # only state is the count of its updates, one per step
     before_optimizers = "optimizer" not in manifest["settings"]

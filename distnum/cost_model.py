@@ -140,13 +140,14 @@ def compute_seconds(layout: ParamLayout, flat: np.ndarray, x: np.ndarray | Image
 def fitted_fixed_seconds(cpu_s: dict[int, float]) -> float:
     """f, from a shard's CPU seconds with each number of shards N: the least-squares fit of
     cpu(N) = (cpu(1) - f) / N + f, that is cpu(N) - cpu(1) / N = f (1 - 1 / N); 0 when no N
-    but 1 was measured, and never below 0."""
+    but 1 was measured, and never below 0 nor above cpu(1) (where the fixed work is all
+    there is, as in a small net, the fit's noise can take it there)."""
     counts = np.array([n for n in cpu_s if n > 1], dtype=float)
     if not counts.size:
         return 0.0
     share = 1 - 1 / counts
     excess = np.array([cpu_s[int(n)] for n in counts]) - cpu_s[1] / counts
-    return max(float(share @ excess / (share @ share)), 0.0)
+    return min(max(float(share @ excess / (share @ share)), 0.0), cpu_s[1])
 
 
 def measure(x_train: np.ndarray, t_train: np.ndarray, hidden: int, seed: int, h: float,

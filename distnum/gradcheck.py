@@ -3,10 +3,12 @@ batch, array by array."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from distnum.engines import FastEngine, FullEngine
-from distnum.models import MultiLayerNet
+from distnum.models import MultiLayerNet, ParamLayout
 
 
 def sample_indices(net: MultiLayerNet, w1_sample: int, rng: np.random.Generator) -> np.ndarray:
@@ -30,10 +32,12 @@ def train_with_backprop(
 
 def compare(
     net: MultiLayerNet, x: np.ndarray, labels: np.ndarray, h: float, w1_sample: int,
-    rng: np.random.Generator,
+    rng: np.random.Generator, truth_sample: int = 0,
 ) -> dict[str, dict[str, float]]:  # fmt: skip
-    """Per array: max |fast - full| on the sampled indices, and the max relative errors
-    (max |a - b| / max |b|) of fast and of full against backprop."""
+    """Per array: max |fast - full| on the sampled indices, the max relative errors
+    (max |a - b| / max |b|) of fast and of full against backprop, and with truth_sample
+    the max |fast - truth| and |full - truth| on that many of the sampled indices, the
+    truth evaluated to 50 digits (exact_central_differences)."""
     layout = net.layout
     fast = FastEngine(layout, np.arange(layout.size))(net.flat_params, x, labels, h)
     indices = sample_indices(net, w1_sample, rng)
@@ -50,4 +54,111 @@ def compare(
             "fast_vs_backprop_rel": float(np.max(np.abs(fast[part] - backprop[part])) / scale),
             "full_vs_backprop_rel": float(np.max(np.abs(full[inside] - backprop[sampled])) / scale),
         }
+        if truth_sample:
+            chosen = np.sort(rng.choice(np.flatnonzero(inside), min(truth_sample, sampled.size),
+                                        replace=False))  # fmt: skip
+            truth = exact_central_differences(layout, net.flat_params, x, labels, h,
+                                              indices[chosen]).differences  # fmt: skip
+            report[name].update({
+                "checked_truth": int(chosen.size),
+                "fast_vs_truth_abs": float(np.max(np.abs(fast[indices[chosen]] - truth))),
+                "full_vs_truth_abs": float(np.max(np.abs(full[chosen] - truth))),
+            })  # fmt: skip
     return report
+
+
+class Truth(NamedTuple):
+    """exact_central_differences' answer: the differences (R,), and for each whether its
+    nudge moves a ReLU unit across its kink on some sample (R,) bool. There the nudged loss
+    depends on the unit's pre-activation itself, which a float64 forward pass knows only
+    to about 1e-16 (absolute): the float64 engines may then be that far divided by 2h (and
+    the batch size) from the truth."""
+
+    differences: np.ndarray
+    crosses_kink: np.ndarray
+
+
+def exact_central_differences(
+    layout: ParamLayout, flat: np.ndarray, x: np.ndarray, labels: np.ndarray, h: float,
+    indices: np.ndarray, digits: int = 50,
+) -> Truth:  # fmt: skip
+    """The central differences (L(theta + h e_k) - L(theta - h e_k)) / 2h at the flat
+    indices, each nudged loss evaluated with `digits` significant digits (mpmath) and the
+    nudge exactly h: the truth the float64 engines are measured against. x (B, I) and the
+    class indices labels (B,) as the engines take them (checked_batch).
+
+    Each sample's forward pass is computed once, exactly (mpmath.fdot), then for each index
+    only the samples it moves, from the nudged layer up."""
+    import mpmath
+
+    mp = mpmath.mp
+    depth, sizes = layout.depth, layout.sizes
+    with mpmath.workdps(digits):
+        weights = [[[mp.mpf(float(w)) for w in row] for row in W.tolist()] for W in
+                   (layout.views(flat)[f"W{layer}"] for layer in range(1, depth + 1))]  # fmt: skip
+        biases = [[mp.mpf(float(b)) for b in layout.views(flat)[f"b{layer}"]]
+                  for layer in range(1, depth + 1)]  # fmt: skip
+        relu = layout.activation == "relu"
+
+        def activate(a):
+            return (a if a > 0 else mp.zero) if relu else 1 / (1 + mp.exp(-a))
+
+        forward = {}  # sample: (z_0..z_L, a_1..a_{L+1}), each a list of mpf
+
+        def forward_pass(n: int):
+            if n not in forward:
+                inputs, pre = [[mp.mpf(float(v)) for v in x[n]]], []
+                for layer in range(depth):
+                    z, W = inputs[-1], weights[layer]
+                    used = [i for i, v in enumerate(z) if v != 0]
+                    pre.append([mpmath.fdot([(z[i], W[i][j]) for i in used]) + biases[layer][j]
+                                for j in range(sizes[layer + 1])])  # fmt: skip
+                    if layer < depth - 1:
+                        inputs.append([activate(a) for a in pre[-1]])
+                forward[n] = (inputs, pre)
+            return forward[n]
+
+        def loss(logits, label):
+            return mpmath.log(mpmath.fsum(mp.exp(a) for a in logits)) - logits[label]
+
+        def nudged_loss(n: int, layer: int, unit: int, delta):
+            """Sample n's loss when a_{layer+1}[unit] (0-based layer) moves by delta."""
+            inputs, pre = forward_pass(n)
+            moved = {unit: delta}  # pre-activation changes of this layer, by unit
+            for k in range(layer, depth - 1):
+                changes = {}
+                for j, d in moved.items():
+                    change = activate(pre[k][j] + d) - inputs[k + 1][j]
+                    if change != 0:
+                        changes[j] = change
+                    crossed[0] |= relu and (pre[k][j] > 0) != (pre[k][j] + d > 0)
+                W = weights[k + 1]
+                moved = {p: mpmath.fsum(c * W[j][p] for j, c in changes.items())
+                         for p in range(sizes[k + 2])}  # fmt: skip
+            logits = list(pre[depth - 1])
+            for c, d in moved.items():
+                logits[c] += d
+            return loss(logits, labels[n])
+
+        exact_h = mp.mpf(h)
+        out = np.empty(len(indices))
+        crosses = np.zeros(len(indices), dtype=bool)
+        crossed = [False]
+        slices = layout.slices
+        for position, index in enumerate(np.asarray(indices, dtype=np.int64)):
+            name = next(name for name, part in slices.items() if part.start <= index < part.stop)
+            layer, offset = int(name[1:]) - 1, int(index - slices[name].start)
+            row, unit = divmod(offset, sizes[layer + 1]) if name[0] == "W" else (None, offset)
+            total = mp.zero
+            crossed[0] = False
+            for n in range(x.shape[0]):
+                value = mp.one if row is None else forward_pass(n)[0][layer][row]
+                if value != 0:
+                    total += (nudged_loss(n, layer, unit, exact_h * value)
+                              - nudged_loss(n, layer, unit, -exact_h * value))  # fmt: skip
+            difference = total / (2 * exact_h * x.shape[0])
+            if name[0] == "W" and layout.weight_decay:  # 0.5 lambda ((w+h)**2 - (w-h)**2) / 2h
+                difference += mp.mpf(layout.weight_decay) * weights[layer][row][unit]
+            out[position] = float(difference)
+            crosses[position] = crossed[0]
+    return Truth(out, crosses)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, MutableMapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import NamedTuple
 
 import numba
@@ -85,22 +86,22 @@ class ParamLayout:
         object.__setattr__(self, "hidden_sizes", tuple(int(n) for n in hidden))
         object.__setattr__(self, "weight_decay", float(decay))
 
-    @property
+    @cached_property
     def sizes(self) -> tuple[int, ...]:
         """(n_0, ..., n_{L+1}): the input, each hidden layer, the output."""
         return (self.input_size, *self.hidden_sizes, self.output_size)
 
-    @property
+    @cached_property
     def depth(self) -> int:
         """L + 1, the number of affine layers."""
         return len(self.hidden_sizes) + 1
 
-    @property
+    @cached_property
     def names(self) -> tuple[str, ...]:
         """W1, b1, ..., W{L+1}, b{L+1}, in the flat vector's order."""
         return tuple(f"{kind}{layer}" for layer in range(1, self.depth + 1) for kind in "Wb")
 
-    @property
+    @cached_property
     def shapes(self) -> dict[str, tuple[int, ...]]:
         sizes = self.sizes
         out = {}
@@ -109,7 +110,7 @@ class ParamLayout:
             out[f"b{layer}"] = (sizes[layer],)
         return out
 
-    @property
+    @cached_property
     def slices(self) -> dict[str, slice]:
         """The flat index range of each parameter array."""
         out, start = {}, 0
@@ -119,7 +120,7 @@ class ParamLayout:
             start = stop
         return out
 
-    @property
+    @cached_property
     def size(self) -> int:
         return sum(int(np.prod(shape)) for shape in self.shapes.values())
 
@@ -380,12 +381,26 @@ class MultiLayerNet:
         return backprop(self.layout, self.params, *checked_batch(self.layout, x, t))
 
 
+def blas_forward(layout: ParamLayout, params: dict[str, np.ndarray], x: np.ndarray) -> Activations:
+    """The forward pass with numpy's BLAS matrix products and its exp, as the book writes
+    it: faster than forward() where BLAS is, but its bits depend on the machine's CPU and
+    BLAS. For timing a plain numpy backprop (distnum bench), never for a result."""
+    inputs, pre = [x], []
+    for layer in range(1, layout.depth + 1):
+        pre.append(np.dot(inputs[-1], params[f"W{layer}"]) + params[f"b{layer}"])
+        if layer < layout.depth:
+            a = pre[-1]
+            inputs.append(np.maximum(a, 0.0) if layout.activation == "relu"
+                          else 1.0 / (1.0 + np.exp(-a)))  # fmt: skip
+    return Activations(inputs, pre)
+
+
 def backprop(layout: ParamLayout, params: dict[str, np.ndarray], x: np.ndarray,
-             labels: np.ndarray) -> dict[str, np.ndarray]:  # fmt: skip
+             labels: np.ndarray, forward_pass=forward) -> dict[str, np.ndarray]:  # fmt: skip
     """The loss's gradient by backpropagation (numpy's BLAS, so its bits may differ between
     machines), arrays shaped like the params, for a checked batch x (N, I) and class indices
-    (N,)."""
-    inputs, pre = forward(layout, params, x)
+    (N,); after distnum's forward pass, or another (blas_forward)."""
+    inputs, pre = forward_pass(layout, params, x)
     batch_size = x.shape[0]
     delta = softmax(pre[-1])  # d loss / d a_l, from the top down
     delta[np.arange(batch_size), labels] -= 1.0

@@ -16,6 +16,7 @@ flag lets LLVM reassociate or fuse, and each fused multiply-add is asked for exp
 
 from __future__ import annotations
 
+import math
 import os
 
 import numba
@@ -145,6 +146,107 @@ def activate(a: float, relu: bool) -> float:
     if relu:
         return 0.0 if a <= 0.0 else a
     return sigmoid(a)
+
+
+# expm1 and log1p, for the exact changes of the delta form (distnum/engines/deltas.py). Near
+# 0 each is its power series, cut after DEGREE terms where what is left is below half an ulp
+# of the result (series_bound); that is how the function is evaluated there, not an
+# approximation of it. Farther out, Kahan's forms built on exp and log above (a few ulps).
+# The series alone, expm1_series and log1p_series, are the same bits as the functions
+# wherever |x| <= SERIES_MAX: a loop that knows all its arguments lie there calls them, with
+# no branch, so that it vectorises.
+DEGREE = 6
+HALF_ULP = 2.0**-54  # half an ulp of any float64 y is at least |y| * 2**-54
+
+
+def expm1_remainder(degree: int, bound: float) -> float:
+    """A bound on |expm1(x) - its series to x**degree / degree!| / |x|, for |x| <= bound:
+    sum over k > degree of bound**(k-1) / k!, as a geometric tail."""
+    return bound**degree / math.factorial(degree + 1) / (1.0 - bound / (degree + 2))
+
+
+def log1p_remainder(degree: int, bound: float) -> float:
+    """A bound on |log1p(y) - its series to +-y**degree / degree| / |y|, for |y| <= bound < 1:
+    the tail sum over k > degree of bound**(k-1) / k."""
+    return bound**degree / (degree + 1) / (1.0 - bound)
+
+
+def series_bound(remainder, degree: int) -> float:
+    """The largest power of two b with remainder(degree, b) * (1 + b) below half an ulp of the
+    result (whose size is at least |x| / (1 + |x|)): the series' domain |x| <= b."""
+    bound = 0.5
+    while remainder(degree, bound) * (1.0 + bound) > HALF_ULP:
+        bound /= 2.0
+    return bound
+
+
+EXPM1_SERIES_MAX = series_bound(expm1_remainder, DEGREE)
+LOG1P_SERIES_MAX = series_bound(log1p_remainder, DEGREE)
+SERIES_MAX = min(EXPM1_SERIES_MAX, LOG1P_SERIES_MAX)
+
+
+@numba.njit(inline="always", **JIT)
+def expm1_series(x: float) -> float:
+    """x + x**2/2! + ... + x**6/6!, in Horner's order with fmas: expm1 for |x| <= SERIES_MAX."""
+    tail = fma(x, 1.0 / 720, 1.0 / 120)
+    tail = fma(tail, x, 1.0 / 24)
+    tail = fma(tail, x, 1.0 / 6)
+    tail = fma(tail, x, 0.5)
+    return fma(tail * x, x, x)
+
+
+@numba.njit(inline="always", **JIT)
+def log1p_series(y: float) -> float:
+    """y - y**2/2 + ... - y**6/6, in Horner's order with fmas: log1p for |y| <= SERIES_MAX."""
+    tail = fma(y, -1.0 / 6, 1.0 / 5)
+    tail = fma(tail, y, -0.25)
+    tail = fma(tail, y, 1.0 / 3)
+    tail = fma(tail, y, -0.5)
+    return fma(tail * y, y, y)
+
+
+@numba.njit(inline="always", **JIT)
+def expm1(x: float) -> float:
+    """e**x - 1, accurate where x is tiny (the change of exp under a nudge): its series for
+    |x| <= SERIES_MAX; else Kahan's (u - 1) x / log u with u = e**x, which cancels the
+    rounding of u."""
+    if abs(x) <= SERIES_MAX:
+        return expm1_series(x)
+    if x > 709.0 or x < -38.0 or x != x:  # e**x - 1 is e**x, or -1, to the last bit
+        return exp(x) - 1.0
+    u = exp(x)
+    return (u - 1.0) * x / log(u)
+
+
+@numba.njit(inline="always", **JIT)
+def log1p(y: float) -> float:
+    """log(1 + y), accurate where y is tiny (a loss's relative change under a nudge): its
+    series for |y| <= SERIES_MAX; else Kahan's log(u) y / (u - 1) with u = 1 + y, which
+    cancels the rounding of u."""
+    if abs(y) <= SERIES_MAX:
+        return log1p_series(y)
+    u = 1.0 + y
+    if u == np.inf or y != y:
+        return log(u)
+    return log(u) * (y / (u - 1.0))
+
+
+@numba.njit(**JIT)
+def expm1_array(x: np.ndarray) -> np.ndarray:
+    """Elementwise expm1 of a 1-D float64 array (for tests and benchmarks)."""
+    out = np.empty_like(x)
+    for i in range(x.size):
+        out[i] = expm1(x[i])
+    return out
+
+
+@numba.njit(**JIT)
+def log1p_array(x: np.ndarray) -> np.ndarray:
+    """Elementwise log1p of a 1-D float64 array (for tests and benchmarks)."""
+    out = np.empty_like(x)
+    for i in range(x.size):
+        out[i] = log1p(x[i])
+    return out
 
 
 @numba.njit(**JIT)

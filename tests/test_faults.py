@@ -29,6 +29,7 @@ from run_helpers import (
     kill_leftovers,
     newest_checkpoint,
     reference_sha,
+    rewrite_manifest,
     start_train,
     summary_of,
     wait_until,
@@ -92,17 +93,41 @@ def test_a_damaged_newest_checkpoint_is_skipped(tiny_mnist, tmp_path, capsys):
     assert resumed["params_sha256"] == reference_sha(tiny_mnist, tmp_path, 20)
 
 
+@pytest.mark.parametrize("engine", ["fast", "backprop"])
+def test_a_checkpoint_of_the_earlier_fast_engine_is_refused_by_name(engine, tiny_mnist, tmp_path):
+    """Checkpoints written before the delta form (distnum 0.1) lack its mark: a fast-engine
+    run would go on with other bits than a run done in one go, so it is refused with what
+    to do; a run of another engine (the same arithmetic as before) goes on."""
+    out = tmp_path / "run"
+    train(iters=12, checkpoint_every=5, batch_size=10, hidden=8, local=True, quiet=True,
+          engine=engine, data_dir=str(tiny_mnist), out=str(out))  # fmt: skip
+    for manifest in checkpoints.directory(out).glob("*.json"):
+        rewrite_manifest(manifest, lambda m: m.pop("fast_engine"))
+    before = {p.name: p.read_bytes() for p in checkpoints.directory(out).iterdir()}
+    resume = start_train("--resume", str(out), "--iters", "20", "--local", "--quiet")
+    _, stderr = resume.communicate(timeout=120)
+    if engine == "backprop":
+        assert resume.returncode == 0, stderr
+        assert summary_of(out)["params_sha256"] == reference_sha(tiny_mnist, tmp_path, 20,
+                                                                engine="backprop")  # fmt: skip
+        return
+    assert resume.returncode == 2, stderr
+    (line,) = stderr.splitlines()
+    assert "fast engine of distnum 0.1, before its delta form" in line
+    assert "finish the run with distnum 0.1, or start it again with --overwrite" in line
+    assert {p.name: p.read_bytes() for p in checkpoints.directory(out).iterdir()} == before
+
+
 # --- processes killed ------------------------------------------------------------------------
 
 
-def test_a_killed_worker_is_replaced_and_its_step_redone(tiny_mnist, tmp_path):
+def test_a_killed_worker_is_replaced_and_its_step_redone(tiny_mnist, tmp_path, joining):
     out = tmp_path / "run"
     run = start_train("--iters", "300", "--workers", "2", "--quiet", "--data-dir",
-                      str(tiny_mnist), "--out", str(out), *TINY)  # fmt: skip
-    driver = psutil.Process(run.pid)
+                      str(tiny_mnist), "--out", str(out), *TINY, *joining)  # fmt: skip
     metrics = out / "metrics.jsonl"
     wait_until(lambda: metrics.exists() and metrics.read_text().count("test_acc") >= 3, 180, run)
-    victim = gradient_worker_processes(driver)[0]
+    victim = gradient_worker_processes()[0]
     victim.send_signal(signal.SIGKILL)
     _, stderr = run.communicate(timeout=300)
     assert run.returncode == 0, stderr
@@ -111,14 +136,14 @@ def test_a_killed_worker_is_replaced_and_its_step_redone(tiny_mnist, tmp_path):
     assert summary["params_sha256"] == reference_sha(tiny_mnist, tmp_path, 300)
 
 
-def test_beyond_the_restarts_a_clear_error_and_the_checkpoint_kept(tiny_mnist, tmp_path):
+def test_beyond_the_restarts_a_clear_error_and_the_checkpoint_kept(tiny_mnist, tmp_path,
+                                                                   joining):  # fmt: skip
     out = tmp_path / "run"
     run = start_train("--iters", "100000", "--workers", "2", "--quiet", "--data-dir",
                       str(tiny_mnist), "--out", str(out), "--max-worker-restarts", "0",
-                      *TINY)  # fmt: skip
-    driver = psutil.Process(run.pid)
+                      *TINY, *joining)  # fmt: skip
     wait_until(lambda: len(checkpoint_steps(out)) >= 2, 180, run)
-    gradient_worker_processes(driver)[0].send_signal(signal.SIGKILL)
+    gradient_worker_processes()[0].send_signal(signal.SIGKILL)
     _, stderr = run.communicate(timeout=120)
     assert run.returncode == 1, stderr
     assert "more than --max-worker-restarts 0" in stderr
@@ -130,7 +155,7 @@ def test_beyond_the_restarts_a_clear_error_and_the_checkpoint_kept(tiny_mnist, t
 def test_driver_killed_with_sigkill_then_resume(tiny_mnist, tmp_path):
     out = tmp_path / "run"
     args = ["--workers", "2", "--quiet", "--data-dir", str(tiny_mnist), *TINY]
-    run = start_train("--iters", "600", "--out", str(out), "--checkpoint-every", "20", *args)
+    run = start_train("--iters", "200", "--out", str(out), "--checkpoint-every", "20", *args)
     driver = psutil.Process(run.pid)
     wait_until(lambda: len(checkpoint_steps(out)) >= 2 and checkpoint_steps(out)[-1] >= 60,
                180, run)  # fmt: skip
@@ -141,12 +166,12 @@ def test_driver_killed_with_sigkill_then_resume(tiny_mnist, tmp_path):
     assert run.returncode == -signal.SIGKILL
     # the step's shared memory is named only until the actors have mapped it
     assert not list(Path("/dev/shm").glob(f"distnum-step-{run.pid}-*"))
-    resumed = start_train("--resume", str(out), "--iters", "600", *args)
+    resumed = start_train("--resume", str(out), "--iters", "200", *args)
     _, stderr = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, stderr
     summary = summary_of(out)
     assert summary["resumed_from_step"] >= 60
-    assert summary["params_sha256"] == reference_sha(tiny_mnist, tmp_path, 600)
+    assert summary["params_sha256"] == reference_sha(tiny_mnist, tmp_path, 200)
 
 
 # --- divergence -----------------------------------------------------------------------------

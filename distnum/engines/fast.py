@@ -1,14 +1,15 @@
-"""The fast engine: the same central differences as the full one, each nudged loss
-evaluated by reusing everything the nudge leaves alone (DESIGN.md sections 3 and 10).
+"""The fast engine: the central differences of the full one, each nudged loss evaluated as
+the exact change it makes (the delta form, deltas.py), reusing everything the nudge leaves
+alone (DESIGN.md sections 3, 10 and 11).
 
-Per call: one unperturbed forward pass, then, over only the indices of the shard, the
-kernel of each layer the shard's indices fall in:
+Per call: the unnudged pass and its tables (unnudged.py), then, over only the indices of
+the shard, the kernel of each layer the shard's indices fall in:
     lower_hidden_layers.py  a hidden layer below the last: its unit, and every layer above
     last_hidden_layer.py    the last hidden layer (W1, b1 of the chapter's net): its unit,
                             and the logits by d * W_{L+1}[j, :]
     output_layer.py         the output layer (W2, b2 of the chapter's net): one logit column
-The weight decay term changes only in the nudged weight's square; that one term is
-evaluated at both nudges, the others are equal and cancel.
+The weight decay term changes only in the nudged weight's square, by exactly
+0.5 lambda ((w + h)**2 - w**2) = lambda h (w + h / 2) (and likewise for -h).
 """
 
 from __future__ import annotations
@@ -21,20 +22,31 @@ from numba.typed import List
 from distnum.engines import last_hidden_layer, lower_hidden_layers, output_layer
 from distnum.engines.base import ShardEngine, checked_params
 from distnum.engines.sample_values import input_entries
-from distnum.functions import shifted_logits
+from distnum.engines.unnudged import Unnudged, by_moments, largest_change, moment_table, unnudged
 from distnum.gradient import check_h
 from distnum.models import ParamLayout, checked_batch, checked_inputs, forward
+from distnum.vecmath import DEGREE, SERIES_MAX
 
 
 class HiddenRequests(NamedTuple):
-    """A shard's indices in hidden layer `layer` (1..L), grouped by unit: unit j's are
-    pixel[unit_start[j]:unit_start[j + 1]] (W_l[i, j] as input i, b_l[j] as input n_{l-1}),
-    their positions in the shard slot[...] likewise."""
+    """A shard's indices in hidden layer `layer` (1..L-1, below the last), grouped by unit:
+    unit j's are pixel[unit_start[j]:unit_start[j + 1]] (W_l[i, j] as input i, b_l[j] as
+    input n_{l-1}), their positions in the shard slot[...] likewise."""
 
     layer: int
     unit_start: np.ndarray
     pixel: np.ndarray
     slot: np.ndarray
+
+
+class LastHiddenRequests(NamedTuple):
+    """A shard's indices in the last hidden layer, as a table: the inputs it nudges
+    (pixels, ascending; the bias as input n_{L-1}) by the units first_unit, first_unit + 1,
+    ..., with slot_of[p, u] the position in the shard of (pixels[p], first_unit + u), or -1."""
+
+    pixels: np.ndarray
+    first_unit: int
+    slot_of: np.ndarray
 
 
 class FastEngine(ShardEngine):
@@ -48,11 +60,20 @@ class FastEngine(ShardEngine):
         self.size = indices.size
         slices, sizes = layout.slices, layout.sizes
         self.hidden = []
+        self.last_hidden = None
         for layer in range(1, layout.depth):
             start, stop = slices[f"W{layer}"].start, slices[f"b{layer}"].stop
             slot = np.flatnonzero((indices >= start) & (indices < stop))
-            if slot.size:
-                pixel, unit = np.divmod(indices[slot] - start, sizes[layer])
+            if not slot.size:
+                continue
+            pixel, unit = np.divmod(indices[slot] - start, sizes[layer])
+            if layer == layout.depth - 1:
+                pixels, row = np.unique(pixel, return_inverse=True)
+                first_unit = int(unit.min())
+                slot_of = np.full((pixels.size, int(unit.max()) + 1 - first_unit), -1)
+                slot_of[row, unit - first_unit] = slot
+                self.last_hidden = LastHiddenRequests(pixels, first_unit, slot_of)
+            else:
                 order = np.lexsort((pixel, unit))
                 unit_start = np.searchsorted(unit[order], np.arange(sizes[layer] + 1))
                 self.hidden.append(HiddenRequests(layer, unit_start, pixel[order], slot[order]))
@@ -70,30 +91,26 @@ class FastEngine(ShardEngine):
 
     def work(self, flat: np.ndarray, x: np.ndarray) -> dict[str, int]:
         """What one call at the parameters flat on the batch x (B, I) evaluates at most (a
-        lower layer's unit that stays put is skipped): nudged per-sample losses, exp (the
-        sigmoid's included) and log. A hidden-layer nudge of unit j is evaluated once per
-        sample value its shard's inputs need; an output-layer one once per sample, one exp
-        and one log."""
+        lower layer's unit that stays put is skipped): nudged per-sample losses, each as its
+        change. A hidden-layer nudge of unit j is evaluated once per sample value its
+        shard's inputs need; an output-layer one once per sample."""
         layout, batch = self.layout, checked_inputs(self.layout, x)
         inputs = forward(layout, layout.views(checked_params(flat)), batch).inputs
-        sigmoid = layout.activation == "sigmoid"
-        hidden = exp_count = 0
+        hidden = 0
         for requests in self.hidden:
             entries = input_entries(inputs[requests.layer - 1])
-            evaluated = 0
             for j in range(requests.unit_start.size - 1):
                 pixels = requests.pixel[requests.unit_start[j] : requests.unit_start[j + 1]]
                 if pixels.size:
                     ranges = [entries.value_id[entries.pixel_start[i] : entries.pixel_start[i + 1]]
                               for i in pixels]  # fmt: skip
-                    evaluated += 2 * np.unique(np.concatenate(ranges)).size
-            above = layout.sizes[requests.layer + 1 : layout.depth]  # the hidden layers above
-            activations = 1 + sum(above) if sigmoid else 0
-            hidden += evaluated
-            exp_count += evaluated * (layout.output_size + activations)
-        output = 2 * self.output_slot.size * x.shape[0]
-        return {"nudged_losses": hidden + output, "exp": exp_count + output,
-                "log": hidden + output}  # fmt: skip
+                    hidden += 2 * np.unique(np.concatenate(ranges)).size
+        if self.last_hidden is not None:
+            entries = input_entries(inputs[layout.depth - 2])
+            ranges = [entries.value_id[entries.pixel_start[i] : entries.pixel_start[i + 1]]
+                      for i in self.last_hidden.pixels]  # fmt: skip
+            hidden += 2 * np.unique(np.concatenate(ranges)).size * self.last_hidden.slot_of.shape[1]
+        return {"nudged_losses": hidden + 2 * self.output_slot.size * x.shape[0]}
 
     def __call__(self, flat: np.ndarray, x: np.ndarray, labels: np.ndarray, h: float) -> np.ndarray:
         """g (len(indices),) for the parameters flat (layout.size,), a batch x (B, I) and its
@@ -102,45 +119,71 @@ class FastEngine(ShardEngine):
         layout = self.layout
         params = layout.views(checked_params(flat))
         x, labels = checked_batch(layout, x, labels)
-        inputs, pre = forward(layout, params, x)  # the one forward pass the nudges start from
-        shifted = shifted_logits(pre[-1])
-        relu = layout.activation == "relu"
-        depth = layout.depth
+        base = unnudged(layout, params, x, labels)  # what every nudge starts from
         sums = np.zeros(self.size)
-        if any(requests.layer < depth - 1 for requests in self.hidden):
-            # what lower_hidden_layers reads, laid out once for every lower layer: the layers
-            # above it by unit (n_k, B), and the logits by class (K, B)
-            pre_by_unit = [np.ascontiguousarray(a.T) for a in pre[:-1]]
-            post_by_unit = [np.ascontiguousarray(z.T) for z in inputs]
-            logits_by_class = np.ascontiguousarray(shifted.T)
-        for requests in self.hidden:
-            layer = requests.layer
-            common = (requests.unit_start, requests.pixel, requests.slot,
-                      *input_entries(inputs[layer - 1]), pre[layer - 1], inputs[layer])  # fmt: skip
-            if layer == depth - 1:
-                last_hidden_layer.loss_differences(
-                    *common, shifted, labels, params[f"W{depth}"], relu, h, sums
-                )
-            else:
-                above = range(layer + 1, depth)
-                lower_hidden_layers.loss_differences(
-                    *common,
-                    List([params[f"W{k}"] for k in range(layer + 1, depth + 1)]),
-                    List([pre_by_unit[k - 1] for k in above]),
-                    List([post_by_unit[k] for k in above]),
-                    logits_by_class, labels, relu, h, sums,
-                )  # fmt: skip
+        if self.hidden:
+            self.lower_layers(params, base, h, sums)
+        if self.last_hidden is not None:
+            self.last_layer(params, base, h, sums)
         if self.output_slot.size:
-            output_sums = np.empty(self.output_slot.size)
-            output_layer.loss_differences(
-                self.output_unit, self.output_class, inputs[-1], shifted, labels, h, output_sums
-            )
-            sums[self.output_slot] = output_sums
+            self.output_layer(base, h, sums)
         gradient = sums / (2.0 * h * x.shape[0])
         if layout.weight_decay and self.weight_slot.size:
-            half_decay = 0.5 * layout.weight_decay
+            decay = layout.weight_decay
             w = flat[self.weight_index]
-            plus, minus = w + h, w - h  # the nudged weights, as the full engine makes them
-            nudged_terms = half_decay * (plus * plus) - half_decay * (minus * minus)
-            gradient[self.weight_slot] += nudged_terms / (2.0 * h)
+            plus, minus = decay * h * (w + 0.5 * h), -decay * h * (w - 0.5 * h)
+            gradient[self.weight_slot] += (plus - minus) / (2.0 * h)
         return gradient
+
+    def lower_layers(self, params: dict, base: Unnudged, h: float, sums: np.ndarray) -> None:
+        """The nudges of the hidden layers below the last, into sums."""
+        layout, depth = self.layout, self.layout.depth
+        relu = layout.activation == "relu"
+        tables = List()  # by unit: a, z, s r and r of each hidden layer (B columns)
+        for k in range(depth - 1):
+            a, z = base.pre[k], base.inputs[k + 1]
+            r = np.zeros_like(a) if relu else base.rest[k]
+            tables.append(np.ascontiguousarray(np.stack([a.T, z.T, (z * r).T, r.T])))
+        probabilities = np.ascontiguousarray(base.probabilities.T)
+        for requests in self.hidden:
+            layer = requests.layer
+            lower_hidden_layers.loss_differences(
+                requests.unit_start, requests.pixel, requests.slot,
+                *input_entries(base.inputs[layer - 1]), layer - 1, tables,
+                List([params[f"W{k}"] for k in range(layer + 1, depth + 1)]),
+                probabilities, base.labels, relu, h, sums,
+            )  # fmt: skip
+
+    def last_layer(self, params: dict, base: Unnudged, h: float, sums: np.ndarray) -> None:
+        """The nudges of the last hidden layer, into sums."""
+        layout, depth = self.layout, self.layout.depth
+        relu = layout.activation == "relu"
+        layer_input = base.inputs[depth - 2]
+        a, z = base.pre[depth - 2], base.inputs[depth - 1]
+        W_out = params[f"W{depth}"]
+        if relu:
+            unit_tables = np.stack([a, a])
+        else:
+            r = base.rest[depth - 2]
+            unit_tables = np.stack([z * r, r])
+        w_target = np.ascontiguousarray(W_out.T[base.labels])
+        largest_logit_change = largest_change(layout, h, layer_input) * np.max(np.abs(W_out))
+        moments_first, short_logs = by_moments(largest_logit_change)
+        moments = moment_table(base.probabilities, W_out, DEGREE if moments_first else 0)
+        requests = self.last_hidden
+        last_hidden_layer.loss_differences(
+            requests.pixels, requests.slot_of, requests.first_unit,
+            *input_entries(layer_input), unit_tables, w_target, moments, W_out,
+            base.probabilities, short_logs, relu, h, sums,
+        )  # fmt: skip
+
+    def output_layer(self, base: Unnudged, h: float, sums: np.ndarray) -> None:
+        """The nudges of the output layer, into sums."""
+        z = base.inputs[-1]
+        short = h * max(1.0, float(np.max(np.abs(z)))) <= SERIES_MAX  # every u, and p expm1(u)
+        output_sums = np.empty(self.output_slot.size)
+        output_layer.loss_differences(
+            self.output_unit, self.output_class, z, base.probabilities, base.labels, h, short,
+            output_sums,
+        )  # fmt: skip
+        sums[self.output_slot] = output_sums

@@ -1,17 +1,16 @@
 """Nudges of a hidden layer below the last (W1 and b1 of 784-100-100-10): what one nudge
 changes is one unit of its layer, for some samples, and every layer above it, for those.
 
-Nudging W_l[i, j] by s changes z_l[n, j] by some d, only for the sample values of
-sample_values.py; the next layer's pre-activations then move by d * W_{l+1}[j, :], and
-each layer above is recomputed for that sample from the change below it (a unit whose
-output does not move adds nothing), up to the logits. Where z_l[n, j] stays put under both
-nudges (a ReLU unit at zero, or a saturated sigmoid) the nudged network equals the
-unnudged one on that sample: its l_n(+h) - l_n(-h) is exactly 0, not an approximation, and
-is not evaluated. The others are, each once per sign, as the loss is defined:
-    l_n = log(sum_k exp(a'[n, k] - max_n)) - (a'[n, t_n] - max_n).
+Nudging W_l[i, j] by +-h moves z_l[n, j] by d, only for the sample values of
+sample_values.py; the changes then go up as changes (deltas.py): layer l+1's
+pre-activations move by d W_{l+1}[j, :], each of its units by its own change, the layer
+above by the sum of those changes times its weights, and so on; the logits by u, and the
+loss by log1p(sum_c p_c expm1(u_c)) - u_t. No unmoved value is ever subtracted from a moved
+one. Where z_l[n, j] stays put under both nudges (a ReLU unit at zero) the nudged network
+equals the unnudged one on that sample: its delta is exactly 0, and is not evaluated.
 The sample values are taken a sample at a time (at most BLOCK at once), so that a block's
-changes stay in cache while every layer above is recomputed, and a unit above that moves
-for none of them (a ReLU unit at zero) is skipped.
+changes stay in cache while every layer above is computed, and a unit above that moves for
+none of them (a ReLU unit at zero) is skipped.
 """
 
 from __future__ import annotations
@@ -19,20 +18,31 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from distnum.engines.deltas import relu_change, sigmoid_change, sigmoid_change_by, unit_change
+from distnum.engines.last_hidden_layer import moment_series
 from distnum.engines.sample_values import add_differences, needed_values
-from distnum.vecmath import JIT, activate, exp, fma, log
+from distnum.vecmath import (
+    DEGREE,
+    EXPM1_SERIES_MAX,
+    JIT,
+    SERIES_MAX,
+    expm1,
+    expm1_series,
+    fma,
+    log1p,
+    log1p_series,
+)
 
 BLOCK = 128
 
 
 @numba.njit(inline="always", **JIT)
-def moved_sums(p, W, base, n, size, change, moves, out):
-    """out[q] = base[p, n] + sum over m, in order 0, 1, ..., of change[m, q] W[m, p] (each an
-    fma), for q < size: unit p's pre-activation (or logit) for sample n, moved by the changes
-    of the layer below. Rows m of change that are all zero (moves[m] False) add nothing and
-    are skipped: a ReLU unit that stays at zero."""
+def moved_sums(p, W, size, change, moves, out):
+    """out[q] = sum over m, in order 0, 1, ..., of change[m, q] W[m, p] (each an fma), for
+    q < size: how far unit p's pre-activation (or logit p) moves with the changes of the
+    layer below. Rows m that are all zero (moves[m] False) add nothing and are skipped."""
     for q in range(size):
-        out[q] = base[p, n]
+        out[q] = 0.0
     for m in range(W.shape[0]):
         if moves[m]:
             w = W[m, p]
@@ -49,21 +59,128 @@ def any_moves(change, m, size):
     return False
 
 
+@numba.njit(inline="always", **JIT)
+def short(x, size):
+    """Whether every |x[q]|, q < size, lies in the domain of vecmath's series, so that a loop
+    can take the series with no branch (and vectorise): the same bits as expm1 and log1p."""
+    largest = 0.0
+    for q in range(size):
+        largest = max(largest, abs(x[q]))
+    return largest <= SERIES_MAX
+
+
+@numba.njit(inline="always", **JIT)
+def unit_changes(relu, tables, k, p, n, size, moved, out, row):
+    """out[row, q] = the change of unit p of hidden layer k (sample n) when its
+    pre-activation moves by moved[q], q < size; tables[k] = (a, z, s r, r) by unit (4, n_k,
+    B)."""
+    table = tables[k]
+    a, s, sr, r = table[0, p, n], table[1, p, n], table[2, p, n], table[3, p, n]
+    if relu:
+        for q in range(size):
+            out[row, q] = relu_change(a, moved[q])
+    elif short(moved, size):  # no move of e**-a by half: sigmoid_change_by's common case
+        for q in range(size):
+            out[row, q] = sigmoid_change(sr, r, expm1_series(-moved[q]))
+    else:
+        for q in range(size):
+            out[row, q] = sigmoid_change_by(a, s, sr, r, moved[q])
+
+
+@numba.njit(inline="always", **JIT)
+def moment_row(probabilities, n, response, out):
+    """out[k-1] = sum_c p[c, n] response[c]**k / k!, k = 1..DEGREE, as unnudged.py's
+    moment_table: sum_c p_c expm1(d response_c) is then sum_k d**k out[k-1]."""
+    for k in range(DEGREE):
+        out[k] = 0.0
+    for c in range(response.size):
+        power = probabilities[c, n]
+        for k in range(DEGREE):
+            power *= response[c]
+            out[k] += power
+    factorial = 1.0
+    for k in range(DEGREE):
+        factorial *= k + 1
+        out[k] /= factorial
+
+
+@numba.njit(inline="always", **JIT)
+def linear_difference(d_plus, d_minus, moments, target):
+    """delta(+h) - delta(-h) where the logits move by d response (linear_response): the
+    loss by log1p(S) - d response[t], S by the moments."""
+    c = (moments[0], moments[1], moments[2], moments[3], moments[4], moments[5])
+    loss_plus = fma(-d_plus, target, log1p(moment_series(d_plus, c)))
+    return loss_plus - fma(-d_minus, target, log1p(moment_series(d_minus, c)))
+
+
+@numba.njit(inline="always", **JIT)
+def linear_response(j, n, layer, largest, tables, weights, g, g_abs, g_next, g_abs_next, lost,
+                    out):  # fmt: skip
+    """For a ReLU net: whether no unit above unit j of hidden layer `layer` (0-based) can
+    cross its kink on sample n when j's output moves by any d with |d| <= largest; then the
+    layers above are exactly linear in d on that sample, and the logits move by exactly
+    u_c = d out[c], out = W_{l+1}[j, :] restricted to the units that are active, times
+    W_{l+2}, ..., to W_{L+1} (out (K,), each product and sum compensated, Neumaier's, so
+    that out is exact to an ulp of itself, not of the sum of the products' sizes). The test is
+    rigorous: a unit active at a > 0 stays so when a minus the most its pre-activation can
+    move is above 0 (that most from sums of absolute values, g_abs, with room for the
+    rounding of g), a unit at a <= 0 stays at 0 when a plus it is at most 0."""
+    W = weights[0]
+    for p in range(W.shape[1]):
+        g[p] = W[j, p]
+        g_abs[p] = abs(W[j, p])
+    for k in range(len(weights) - 1):
+        a = tables[layer + 1 + k]
+        W_next = weights[k + 1]
+        for p in range(W_next.shape[0]):
+            most = largest * g_abs[p] * (1.0 + 2.0**-40) if k else largest * g_abs[p]
+            if a[0, p, n] > 0.0:
+                if a[0, p, n] - most <= 0.0:
+                    return False
+            elif a[0, p, n] + most > 0.0:
+                return False
+            else:  # at 0 under any such move: nothing goes through it
+                g[p] = 0.0
+                g_abs[p] = 0.0
+        target = out if k == len(weights) - 2 else g_next
+        for r in range(W_next.shape[1]):
+            target[r] = 0.0
+            g_abs_next[r] = 0.0
+            lost[r] = 0.0
+        for p in range(W_next.shape[0]):
+            if g_abs[p] != 0.0:
+                for r in range(W_next.shape[1]):  # each product and sum with its error kept
+                    product = g[p] * W_next[p, r]
+                    total = target[r] + product
+                    kept = product - (total - target[r])
+                    lost[r] += fma(g[p], W_next[p, r], -product) + (
+                        kept if abs(target[r]) >= abs(product)
+                        else (target[r] - (total - product)))  # fmt: skip
+                    target[r] = total
+                    g_abs_next[r] = fma(g_abs[p], abs(W_next[p, r]), g_abs_next[r])
+        for r in range(W_next.shape[1]):
+            target[r] += lost[r]
+        if k < len(weights) - 2:
+            for r in range(W_next.shape[1]):
+                g[r], g_abs[r] = g_next[r], g_abs_next[r]
+    return True
+
+
 @numba.njit(**JIT)
 def loss_differences(
     unit_start, req_pixel, req_slot, pixel_start, value_id, value_sample, value,
-    pre, post, weights, pre_above, post_above, shifted_logits, labels, relu, h, out,
+    layer, tables, weights, probabilities, labels, relu, h, out,
 ):  # fmt: skip
-    """out[slot] = sum over the entries of (pixel, unit) of l_n(+h) - l_n(-h).
+    """out[slot] = sum over the entries of (pixel, unit) of delta(+h) - delta(-h).
 
-    The requests (pixel, slot) for unit j are req_*[unit_start[j]:unit_start[j+1]]; pre,
-    post (B, n_l) are the nudged layer's a_l and z_l; weights W_{l+1}, ..., W_{L+1}; pre_above
-    and post_above a_k and z_k transposed (n_k, B) for k = l+1..L; shifted_logits
-    transposed (K, B); labels (B,); relu whether the activation is ReLU (else the sigmoid)."""
+    The requests (pixel, slot) for unit j of hidden layer `layer` are
+    req_*[unit_start[j]:unit_start[j+1]]; tables[k] (4, n_k, B) holds a_k, z_k, s r and r
+    (= sigma(-a_k), for the sigmoid) of hidden layer k (0-based) by unit; weights W_{l+1},
+    ..., W_{L+1}; probabilities (K, B) the softmax by class; labels (B,)."""
     num_values = value.size
     widest = 0
-    for layer in range(len(weights)):
-        widest = max(widest, weights[layer].shape[1])
+    for w in weights:
+        widest = max(widest, w.shape[1])
     needed = np.zeros(num_values, dtype=np.bool_)
     chosen = np.empty(num_values, dtype=np.int64)
     moving = np.empty(num_values, dtype=np.int64)
@@ -80,17 +197,27 @@ def loss_differences(
     target = np.empty(BLOCK)
     loss_plus = np.empty(BLOCK)
     output_weights = weights[len(weights) - 1]
+    nudged = tables[layer]
+    num_classes = output_weights.shape[1]
+    g, g_abs = np.empty(widest), np.empty(widest)
+    g_next, g_abs_next, lost = np.empty(widest), np.empty(widest), np.empty(widest)
+    response = np.empty(num_classes)
+    moments = np.empty(DEGREE)
+    largest_input = np.ones(value_sample[-1] + 1 if value_sample.size else 0)
+    for v in range(num_values):  # |d| <= h |input| for ReLU: the most a unit moves, by sample
+        largest_input[value_sample[v]] = max(largest_input[value_sample[v]], abs(value[v]))
     for j in range(unit_start.size - 1):
         first, stop = unit_start[j], unit_start[j + 1]
         if first == stop:
             continue
         count = needed_values(first, stop, req_pixel, pixel_start, value_id, needed, chosen)
         moved = 0
-        for q in range(count):  # the forward pass's activation, of the nudged a_l[n, j]
+        a, s, sr, r = nudged[0, j], nudged[1, j], nudged[2, j], nudged[3, j]
+        for q in range(count):  # unit j's change under each nudge
             v = chosen[q]
             n = value_sample[v]
-            plus = activate(fma(h, value[v], pre[n, j]), relu) - post[n, j]
-            minus = activate(fma(-h, value[v], pre[n, j]), relu) - post[n, j]
+            plus = unit_change(relu, a[n], s[n], sr[n], r[n], h * value[v])
+            minus = unit_change(relu, a[n], s[n], sr[n], r[n], -h * value[v])
             difference[v] = 0.0
             if plus != 0.0 or minus != 0.0:
                 moving[moved], change_plus[moved], change_minus[moved] = v, plus, minus
@@ -102,41 +229,66 @@ def loss_differences(
             while (size < BLOCK and block + size < moved
                    and value_sample[moving[block + size]] == n):  # fmt: skip
                 size += 1
+            largest = h * largest_input[n]
+            if relu and linear_response(j, n, layer, largest, tables, weights, g, g_abs,
+                                        g_next, g_abs_next, lost, response):  # fmt: skip
+                y = 0.0
+                for c in range(num_classes):
+                    y = max(y, largest * abs(response[c]))
+                if y <= EXPM1_SERIES_MAX:  # (else: propagated below, unit by unit)
+                    moment_row(probabilities, n, response, moments)
+                    target_response = response[labels[n]]
+                    for q in range(size):
+                        difference[moving[block + q]] = linear_difference(
+                            change_plus[block + q], change_minus[block + q], moments,
+                            target_response)  # fmt: skip
+                    block += size
+                    continue
             for sign in (1.0, -1.0):
                 source = change_plus if sign > 0 else change_minus
                 for q in range(size):
                     d[q] = source[block + q]
-                W, A, Z = weights[0], pre_above[0], post_above[0]
-                for m in range(W.shape[1]):  # the layer above: a_{l+1} moves by d * W_{l+1}[j]
-                    w, a, z = W[j, m], A[m, n], Z[m, n]
+                W = weights[0]
+                for m in range(W.shape[1]):  # the layer above: a_{l+1} moves by d W_{l+1}[j]
+                    w = W[j, m]
                     for q in range(size):
-                        change[m, q] = activate(fma(d[q], w, a), relu) - z
+                        acc[q] = d[q] * w
+                    unit_changes(relu, tables, layer + 1, m, n, size, acc, change, m)
                     moves[m] = any_moves(change, m, size)
-                for layer in range(1, len(weights) - 1):  # each layer above that
-                    W, A, Z = weights[layer], pre_above[layer], post_above[layer]
+                for k in range(1, len(weights) - 1):  # each layer above that
+                    W = weights[k]
                     for p in range(W.shape[1]):
-                        moved_sums(p, W, A, n, size, change, moves, acc)
-                        z = Z[p, n]
-                        for q in range(size):
-                            change_next[p, q] = activate(acc[q], relu) - z
+                        moved_sums(p, W, size, change, moves, acc)
+                        unit_changes(relu, tables, layer + 1 + k, p, n, size, acc,
+                                     change_next, p)  # fmt: skip
                         moves_next[p] = any_moves(change_next, p, size)
                     change, change_next = change_next, change
                     moves, moves_next = moves_next, moves
                 for q in range(size):
                     total[q] = 0.0
                 label = labels[n]
-                for k in range(output_weights.shape[1]):  # the sum over k in order 0..K-1
-                    moved_sums(k, output_weights, shifted_logits, n, size, change, moves, acc)
-                    for q in range(size):
-                        total[q] += exp(acc[q])
-                    if k == label:
+                for c in range(output_weights.shape[1]):  # the sum over c in order 0..K-1
+                    moved_sums(c, output_weights, size, change, moves, acc)
+                    pc = probabilities[c, n]
+                    if short(acc, size):
+                        for q in range(size):
+                            total[q] += pc * expm1_series(acc[q])
+                    else:
+                        for q in range(size):
+                            total[q] += pc * expm1(acc[q])
+                    if c == label:
                         for q in range(size):
                             target[q] = acc[q]
+                if short(total, size):
+                    for q in range(size):
+                        acc[q] = log1p_series(total[q]) - target[q]
+                else:
+                    for q in range(size):
+                        acc[q] = log1p(total[q]) - target[q]
                 for q in range(size):
-                    loss = log(total[q]) - target[q]
                     if sign > 0:
-                        loss_plus[q] = loss
+                        loss_plus[q] = acc[q]
                     else:
-                        difference[moving[block + q]] = loss_plus[q] - loss
+                        difference[moving[block + q]] = loss_plus[q] - acc[q]
             block += size
         add_differences(first, stop, req_pixel, req_slot, pixel_start, value_id, difference, out)
