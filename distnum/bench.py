@@ -242,14 +242,16 @@ def bench_workers(
 
 def format_worker_rows(rows: list[dict[str, float]]) -> str:
     lines = [
-        f"{'workers':>7} {'steps/s':>8} {'speedup':>8} {'step ms':>8} {'compute ms':>11} "
-        f"{'overhead ms':>12} {'nodes':>5} {'KB to/from each other host':>27}  transport"
+        f"{'workers':>7} {'steps/s':>8} {'speedup':>8} {'ceiling':>8} {'of it':>6} "
+        f"{'step ms':>8} {'compute ms':>11} {'overhead ms':>12} {'nodes':>5} "
+        f"{'KB to/from each other host':>27}  transport"
     ]
     for r in rows:
         traffic = (f"{r['bytes_to_each_host'] / 1e3:.1f} / {r['bytes_from_each_host'] / 1e3:.1f}"
                    if r["nodes"] > 1 else "-")  # fmt: skip
         lines.append(
             f"{r['workers']:>7} {r['steps_per_s']:>8.1f} {r['speedup']:>8.2f} "
+            f"{r['ceiling']:>8.2f} {r['of_ceiling']:>6.2f} "
             f"{r['median_step_s'] * 1e3:>8.2f} {r['median_compute_s'] * 1e3:>11.2f} "
             f"{r['median_overhead_s'] * 1e3:>12.2f} {r['nodes']:>5} {traffic:>27}  "
             f"{r['transport']}"
@@ -257,7 +259,9 @@ def format_worker_rows(rows: list[dict[str, float]]) -> str:
     lines.append(
         "medians over the timed steps; compute: the slowest worker's own time (its slice, and "
         "its rows of the previous step's loss); overhead: "
-        "the rest of the step (Ray calls, transfers, gathering, the update). The training set "
+        "the rest of the step (Ray calls, transfers, gathering, the update); ceiling: N "
+        "processes computing the whole gradient at once against one alone, what this machine "
+        "allows N workers, and the speedup as a fraction of it. The training set "
         f"went to each node once: {rows[0]['training_set_bytes_per_node'] / 1e6:.0f} MB."
     )
     return "\n".join(lines)

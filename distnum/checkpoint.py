@@ -17,11 +17,13 @@ checkpoints of this run, chosen by their parsed step, never the newest.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
 import os
 import re
+import stat
 import tempfile
 import zipfile
 from collections.abc import Callable
@@ -37,6 +39,9 @@ FAST_ENGINE = 2
 OPTIMIZER_PREFIX = "optimizer_"  # the optimizer's arrays in the .npz, by their state names
 KEEP = 2  # the newest checkpoints of a run kept; older ones go once a newer one is whole
 MANIFEST_NAME = re.compile(r"step-(\d{7,})\.json")
+TEMPORARY_NAME = re.compile(
+    r"\.step-\d{7,}\.(json|npz)\..+\.tmp"
+)  # write_atomically's, left by a kill
 MAX_MANIFEST_BYTES = 1 << 20  # a real one is about 2 KB; more is not a manifest of ours
 MAX_STEP = 10**15
 UMASK = os.umask(0o022)
@@ -207,6 +212,49 @@ class Checkpoints:
         return path
 
 
+def read_bounded(path: Path, limit: int, what: str) -> bytes:
+    """The bytes of path, if it is a regular file (not a link, a FIFO or a device) of at most
+    limit bytes: opened without following a link and without blocking, its size checked on
+    the open file, and no more than limit + 1 bytes read. CheckpointError otherwise."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as error:
+        if error.errno == errno.ELOOP:  # O_NOFOLLOW met a link
+            raise CheckpointError("a link, not a file: checkpoints are never links") from None
+        raise
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise CheckpointError("not a regular file")
+        if info.st_size > limit:
+            raise CheckpointError(f"{info.st_size} bytes, more than {what} can be ({limit})")
+        chunks, left = [], limit + 1
+        while left > 0 and (chunk := os.read(fd, min(left, 1 << 20))):
+            chunks.append(chunk)
+            left -= len(chunk)
+        data = b"".join(chunks)
+        if len(data) > limit:  # grown since fstat
+            raise CheckpointError(f"more than {what} can be ({limit} bytes)")
+        return data
+    finally:
+        os.close(fd)
+
+
+def data_bytes_bound(settings: dict, step: int) -> int:
+    """The most a checkpoint's .npz of a run with these settings can hold at step: its
+    parameters, the optimizer's two state vectors at most, a loss and a time per step, an
+    evaluation per step at most, and room for the archive's own bytes. The net's input is
+    an MNIST image's 784 pixels (every data set distnum reads); settings not yet checked
+    count as the largest they could be here."""
+    hidden = settings.get("hidden", 50)
+    sizes = hidden if isinstance(hidden, list) else [hidden]
+    if not all(isinstance(n, int) and not isinstance(n, bool) and 0 < n < 2**31 for n in sizes):
+        return 1 << 20  # no net: the check of the settings will say what is wrong
+    layers = [784, *sizes, 10]
+    params = sum(a * b + b for a, b in zip(layers[:-1], layers[1:], strict=False))
+    return 8 * (3 * params + 2 * step + 4 * step) + (1 << 20)
+
+
 def load(path: Path, step: int, check: Callable[[Checkpoint], None]) -> Checkpoint:
     """The checkpoint of step (from its file name) whose manifest is path, every field
     checked; CheckpointError naming the file and the fault otherwise."""
@@ -216,9 +264,9 @@ def load(path: Path, step: int, check: Callable[[Checkpoint], None]) -> Checkpoi
         return CheckpointError(f"{path}: {what}; {fix}")
 
     try:
-        if path.stat().st_size > MAX_MANIFEST_BYTES:
-            raise damaged("too large to be a manifest")
-        manifest = json.loads(path.read_bytes())
+        manifest = json.loads(read_bounded(path, MAX_MANIFEST_BYTES, "a manifest"))
+    except CheckpointError as error:
+        raise damaged(str(error)) from None
     except (OSError, ValueError, RecursionError) as error:
         raise damaged(f"unreadable manifest ({type(error).__name__})") from None
     if not isinstance(manifest, dict):
@@ -261,7 +309,10 @@ def load(path: Path, step: int, check: Callable[[Checkpoint], None]) -> Checkpoi
 
     data_path = path.parent / manifest["data"]
     try:
-        data = data_path.read_bytes()
+        data = read_bounded(data_path, data_bytes_bound(manifest["settings"], step),
+                            "the arrays of its run's settings")  # fmt: skip
+    except CheckpointError as error:
+        raise damaged(f"{data_path.name}: {error}") from None
     except OSError as error:
         raise damaged(f"cannot read {data_path.name} ({error.strerror})") from None
     if hashlib.sha256(data).hexdigest() != manifest["sha256"]:

@@ -53,7 +53,11 @@ def step_size(text: str) -> float:
     from distnum.gradient import check_h
 
     try:
-        return check_h(text)
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    try:
+        return check_h(value)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
 
@@ -226,16 +230,21 @@ def run_bench(args: argparse.Namespace) -> int:
             ]
         }  # fmt: skip
         if args.workers:
+            from distnum.cost_model import ceiling, drawn_steps
             from distnum.distributed import connect, disconnect
 
+            net = net_from_args(args, x.shape[1])
             owns_ray = connect(args.address)
             try:
-                report["workers"] = bench_workers(
-                    x_train, t_train, args.workers, args.steps, net_from_args(args, x.shape[1]),
-                    args.seed, args.h, args.batch_size,
-                )  # fmt: skip
+                report["workers"] = bench_workers(x_train, t_train, args.workers, args.steps, net,
+                                                  args.seed, args.h, args.batch_size)  # fmt: skip
             finally:
                 disconnect(owns_ray)
+            steps = drawn_steps(x_train, t_train, args.seed, args.steps, args.batch_size)
+            allowed = ceiling(net.layout, net.flat_params, *steps, args.workers, args.h)
+            for row in report["workers"]:
+                row["ceiling"] = allowed[row["workers"]]
+                row["of_ceiling"] = row["speedup"] / row["ceiling"]
     if args.json:
         print(json.dumps(report, indent=2))
         return 0

@@ -150,6 +150,30 @@ def fitted_fixed_seconds(cpu_s: dict[int, float]) -> float:
     return min(max(float(share @ excess / (share @ share)), 0.0), cpu_s[1])
 
 
+def drawn_steps(
+    x_train: np.ndarray, t_train: np.ndarray, seed: int, steps: int, batch_size: int
+) -> tuple[np.ndarray | ImageCodes, np.ndarray, np.ndarray]:
+    """The rows that steps (and the warm-up's) draw, numbered anew, as the actors have them
+    (uint8 codes when they are pixels), their labels, and the batches (S, B) in the new
+    numbers: each process gets a copy, 16 MB for 200 steps of 100 MNIST images."""
+    rng = np.random.default_rng(seed)
+    drawn = [rng.choice(len(x_train), batch_size) for _ in range(steps + WARMUP_STEPS)]
+    used, batches = np.unique(drawn, return_inverse=True)
+    batches = batches.reshape(len(drawn), batch_size)  # flat before numpy 2
+    return shipped_images(x_train[used]), t_train[used], batches
+
+
+def ceiling(layout: ParamLayout, flat: np.ndarray, x: np.ndarray | ImageCodes, t: np.ndarray,
+            batches: np.ndarray, counts: list[int], h: float) -> dict[int, float]:  # fmt: skip
+    """What this machine allows N workers: N processes each computing the whole gradient at
+    once (spawned, released together each step, as compute_seconds), against one alone,
+    N K_whole(1) / K_whole(N); the speedup N shards could reach if they repeated no work."""
+    whole = np.arange(layout.size)
+    seconds = {n: compute_seconds(layout, flat, x, t, batches, [whole] * n, h)[0]
+               for n in sorted(set(counts) | {1})}  # fmt: skip
+    return {n: n * seconds[1] / seconds[n] for n in counts}
+
+
 def measure(x_train: np.ndarray, t_train: np.ndarray, hidden: int, seed: int, h: float,
             steps: int, batch_size: int = 100,
             workers: list[int] = OVERHEAD_WORKERS) -> dict:  # fmt: skip
@@ -165,18 +189,12 @@ def measure(x_train: np.ndarray, t_train: np.ndarray, hidden: int, seed: int, h:
     checked_workers = [n for n in workers if n <= CHECKED_UP_TO]
     checked = bench_workers(x_train, t_train, checked_workers, nodes=[here], **common)
     idle = bench_workers(x_train, t_train, workers, engine=IdleEngine, nodes=[here], **common)
-    # the steps' rows only, numbered anew, as the actors have them (uint8 codes when they are
-    # pixels): each process gets a copy, 16 MB for 200 steps of 100 MNIST images
-    rng = np.random.default_rng(seed)
-    drawn = [rng.choice(len(x_train), batch_size) for _ in range(steps + WARMUP_STEPS)]
-    used, batches = np.unique(drawn, return_inverse=True)
-    batches = batches.reshape(len(drawn), batch_size)  # flat before numpy 2
-    x_used = shipped_images(x_train[used])
+    x_used, t_used, batches = drawn_steps(x_train, t_train, seed, steps, batch_size)
     density = np.count_nonzero(x_train, axis=0) / len(x_train)
     compute, cpu = {}, {}
     for n in workers:
         shards = make_shards(net.layout, density, n)
-        compute[n], cpu[n] = compute_seconds(net.layout, net.flat_params, x_used, t_train[used],
+        compute[n], cpu[n] = compute_seconds(net.layout, net.flat_params, x_used, t_used,
                                              batches, shards, h)  # fmt: skip
     report = {
         "hidden": hidden,

@@ -19,6 +19,7 @@ import os
 import secrets
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -47,6 +48,7 @@ from distnum.stopping import install
 T = TypeVar("T")
 MIN_WAIT_S = 10.0  # the least a step is waited for before the actors are checked
 CONNECT_TIMEOUT_S = 120.0  # for every actor to connect, numba's compilations done
+OOM_WAIT_S = 10.0  # after Ray's memory monitor killed an actor, before starting another
 # a GradientWorker actor's resident memory beyond its parameters, measured with a 784-50-10
 # net on MNIST: the interpreter, numpy, numba and its compiled kernels, Ray's worker
 ACTOR_BASE_BYTES = 135 * 2**20
@@ -268,6 +270,9 @@ class ShardedGradient:
         except ray.exceptions.RayActorError as error:
             raise WorkerFailed(f"a worker actor died while starting: {first_line(error)}"
                                ) from None  # fmt: skip
+        except ray.exceptions.RayError as error:  # such as Ray's memory monitor's kill
+            raise WorkerFailed(f"a worker actor could not start: {type(error).__name__}: "
+                               f"{first_line(error)}") from None  # fmt: skip
         self.nodes = nodes
         self.actors_per_node = dict(collections.Counter(nodes))
 
@@ -395,7 +400,13 @@ class ShardedGradient:
                 raise worker_failed(error) from None
             except (ray.exceptions.RayError, WorkerLost, TimeoutError) as error:
                 failure = error  # an actor died, or no answer in time
-            self.recover(failure)
+            try:
+                self.recover(failure)
+            except ray.exceptions.RayError as error:  # Ray could not replace what died
+                self.close()
+                raise WorkerFailed(f"replacing a worker actor after {first_line(failure)} "
+                                   f"failed: {type(error).__name__}: {first_line(error)}"
+                                   ) from None  # fmt: skip
 
     def run_graph(self, flat: np.ndarray, batch: np.ndarray, sleep_s: float,
                   limit_s: float) -> tuple[np.ndarray, float]:  # fmt: skip
@@ -414,6 +425,11 @@ class ShardedGradient:
         connect them again, so that the step can be redone. Connecting again can fail too
         (an actor dies meanwhile): that counts as a restart, and all is done once more."""
         reconnecting = False
+        if isinstance(error, ray.exceptions.OutOfMemoryError):  # the node is short of memory
+            print(f"distnum: Ray's memory monitor killed a worker actor ({first_line(error)}); "
+                  f"waiting {OOM_WAIT_S:.0f} s for memory before replacing it",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            time.sleep(OOM_WAIT_S)
         while True:
             self.disconnect_workers(wait_s=60)
             dead = [k for k, worker in enumerate(self.workers) if not self.answers(worker)]
@@ -513,11 +529,14 @@ def default_workers() -> int:
     return max(int(ray.cluster_resources().get("CPU", 1)), 1)
 
 
-def worker_count_note(workers: int, layout: ParamLayout) -> str | None:
+def worker_count_note(workers: int, layout: ParamLayout | None = None,
+                      actor_bytes: int | None = None) -> str | None:  # fmt: skip
     """None when the cluster runs workers actors well; a note when they share its CPUs; a
-    ValueError when their estimated memory exceeds what the cluster has for them."""
+    ValueError when their estimated memory (actor_bytes each, or a GradientWorker's for
+    layout) exceeds what the cluster has for them."""
     resources = ray.cluster_resources()
-    each = ACTOR_BASE_BYTES + 8 * layout.size  # the actor's own copy of the parameters
+    # a gradient worker's: its own copy of the parameters
+    each = actor_bytes if actor_bytes is not None else ACTOR_BASE_BYTES + 8 * layout.size
     available = resources.get("memory", 0)
     cpus = int(resources.get("CPU", 1))
     if workers * each > available:

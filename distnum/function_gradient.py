@@ -12,14 +12,23 @@ number of workers.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 
 import numpy as np
 import ray
 from ray import cloudpickle
 
-from distnum.distributed import WorkerFailed, connect, disconnect, first_line, worker_failed
-from distnum.gradient import DEFAULT_H, central_differences, check_h, flat_view
+from distnum.distributed import (
+    ACTOR_BASE_BYTES,
+    WorkerFailed,
+    connect,
+    disconnect,
+    first_line,
+    worker_count_note,
+    worker_failed,
+)
+from distnum.gradient import DEFAULT_H, central_differences, check_h, check_h_against, flat_view
 from distnum.gradient import numerical_gradient as in_process
 from distnum.progress import live_bar
 
@@ -49,13 +58,16 @@ def numerical_gradient(f: Callable[[np.ndarray], float], x: np.ndarray, h: float
     cloudpickle ships. A worker's exception is raised here as WorkerFailed, one line with
     its type and message."""
     h = check_h(h)
+    if not callable(f):
+        raise ValueError(f"f={f!r} is not a function; give one that takes x and returns one "
+                         "number, such as lambda x: float(np.sum(x ** 2))")  # fmt: skip
+    x = np.asarray(x)
+    check_h_against(h, flat_view(x), "x's entries")  # here, not in each worker
     if workers is None:
         return in_process(f, x, h)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers={workers!r}; give a number of worker actors >= 1, or None "
                          "to compute in this process")  # fmt: skip
-    x = np.asarray(x)
-    flat_view(x)  # the checks of one process, here rather than in each worker
     try:
         payload = cloudpickle.dumps((f, x))
     except Exception as error:
@@ -64,6 +76,12 @@ def numerical_gradient(f: Callable[[np.ndarray], float], x: np.ndarray, h: float
                          ) from None  # fmt: skip
     owns_ray = connect(address)
     try:
+        try:  # as train checks its workers: the memory they need, and the CPUs they share
+            note = worker_count_note(workers, actor_bytes=ACTOR_BASE_BYTES + 2 * len(payload))
+        except ValueError as error:
+            raise ValueError(f"workers={workers}: {error}") from None
+        if note:
+            print(f"distnum: {note}", file=sys.stderr)
         return sharded(payload, x, h, workers, quiet)
     finally:
         disconnect(owns_ray)

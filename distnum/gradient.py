@@ -3,22 +3,38 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from distnum.options import option
+
 DEFAULT_H = 1e-4
+MAX_H = 1.0  # a nudge beyond 1 measures no derivative of a net whose weights are ~0.01
 
 
 def check_h(h: float) -> float:
-    """h as a float, or a ValueError saying why it cannot be a step size."""
-    try:
-        value = float(h)
-    except (TypeError, ValueError):
-        raise ValueError(f"h={h!r} is not a number; give a finite step > 0 such as 1e-4") from None
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"h={h!r} must be finite and > 0; give a step such as 1e-4")
+    """h as a float, or a ValueError saying why it cannot be a step size: a real number
+    (not a string, not a bool), finite, > 0 and <= MAX_H. The command line's --h and every
+    function of the Python API check it here."""
+    if isinstance(h, (bool, np.bool_)) or not isinstance(h, numbers.Real):
+        raise ValueError(f"{option('h', h)} is not a number; give one such as 1e-4")
+    value = float(h)
+    if not (math.isfinite(value) and 0 < value <= MAX_H):
+        raise ValueError(f"{option('h', h)} must be finite, > 0 and <= {MAX_H:g}; give one "
+                         "such as 1e-4")  # fmt: skip
     return value
+
+
+def check_h_against(h: float, values: np.ndarray, what: str) -> None:
+    """A ValueError when h vanishes next to the largest of values (what they are), so that
+    every nudged value would equal the unnudged one and every difference be 0."""
+    largest = float(np.max(np.abs(values))) if np.size(values) else 0.0
+    if largest + h == largest:
+        raise ValueError(f"{option('h', h)} vanishes next to {what} of size {largest:.2g} "
+                         f"(float64 spacing {np.spacing(largest):.1g}), so every difference "
+                         "would be 0; give one such as 1e-4")  # fmt: skip
 
 
 def numerical_diff(f: Callable[[float], float], x: float, h: float = DEFAULT_H) -> float:
@@ -32,6 +48,8 @@ def flat_view(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x)
     if not np.issubdtype(x.dtype, np.floating):
         raise ValueError(f"x has dtype {x.dtype}; give a float array such as np.array([3.0, 4.0])")
+    if x.size == 0:
+        raise ValueError(f"x has shape {x.shape}, no entries; give at least one")
     flat_x = x.reshape(-1)
     if not np.shares_memory(flat_x, x):
         raise ValueError("x must be contiguous, so that it can be nudged in place "

@@ -312,6 +312,19 @@ def init_scale(weight_init_std: str | float, fan_in: int) -> float:
     return scale
 
 
+def check_fits_in_memory(layout: ParamLayout, copies: int, name: str) -> None:
+    """A ValueError naming the option (name) when copies arrays of the layout's parameters
+    cannot fit in this machine's free memory: said before any is allocated."""
+    import psutil
+
+    needed = 8 * layout.size * copies
+    free = psutil.virtual_memory().available
+    if needed > free:
+        raise ValueError(f"{name} makes a net of {layout.size:,} parameters, whose arrays need "
+                         f"about {needed / 2**30:.1f} GiB; this machine has "
+                         f"{free / 2**30:.1f} GiB free: give fewer hidden units")  # fmt: skip
+
+
 class MultiLayerNet:
     """Chapter 6's network: (affine, activation) x L, affine, softmax cross-entropy, plus
     0.5 * weight_decay_lambda * sum(W ** 2).
@@ -332,6 +345,8 @@ class MultiLayerNet:
     ) -> None:
         self.layout = ParamLayout(input_size, hidden_size_list, output_size, activation,
                                   weight_decay_lambda)  # fmt: skip
+        # the parameters and a gradient of them
+        check_fits_in_memory(self.layout, 2, f"hidden_size_list={hidden_size_list!r}")
         self.flat_params = np.zeros(self.layout.size, dtype=np.float64)
         self.params = ParamViews(self.layout.views(self.flat_params))
         rng = np.random.default_rng(seed)

@@ -38,6 +38,8 @@ class RunFolder:
         self.out = Path(out)
         self.lock_fd: int | None = None
         self.made: list[Path] = []  # the folders claim() created: OUT, and its missing parents
+        self.made_lock = False  # whether claim() created the lock file
+        self.running = False  # whether the run was taken (mark_running): its pid is in the lock
 
     def claim(self) -> None:
         """Create OUT if needed and take its lock; RunFolderError when OUT cannot be written
@@ -47,6 +49,7 @@ class RunFolder:
             if self.out.exists() and not self.out.is_dir():
                 raise RunFolderError(f"{self.out} is a file; give a folder")
             self.made = make_folder(self.out)
+            self.made_lock = not (self.out / LOCK_NAME).exists()
             fd = os.open(self.out / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as error:
             raise RunFolderError(f"cannot write in {self.out} ({error.strerror}); give a "
@@ -61,9 +64,15 @@ class RunFolder:
                                      ) from None  # fmt: skip
             raise RunFolderError(f"{self.out} is in use by another distnum run (pid {holder}); "
                                  "wait for it to end or give another folder") from None  # fmt: skip
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self.lock_fd = fd
+
+    def mark_running(self) -> None:
+        """The run is taken: its pid goes into the lock file, for a second run's message.
+        Until then a refused run changes nothing in OUT (the lock file, if it made one, goes
+        at release)."""
+        os.ftruncate(self.lock_fd, 0)
+        os.pwrite(self.lock_fd, f"{os.getpid()}\n".encode(), 0)
+        self.running = True
 
     def release(self) -> None:
         """Give up the lock; the folders this claim made (OUT, and its parents, such as
@@ -74,6 +83,8 @@ class RunFolder:
         if self.made and [p.name for p in self.out.iterdir()] == [LOCK_NAME]:
             (self.out / LOCK_NAME).unlink()
             remove_empty(self.made)
+        elif self.made_lock and not self.running:  # refused: OUT as it was found
+            (self.out / LOCK_NAME).unlink(missing_ok=True)
         os.close(self.lock_fd)  # closing the file releases the lock
         self.lock_fd = None
 
@@ -86,6 +97,7 @@ class RunFolder:
                 p
                 for p in folder.iterdir()
                 if checkpoints.MANIFEST_NAME.fullmatch(p.with_suffix(".json").name)
+                or checkpoints.TEMPORARY_NAME.fullmatch(p.name)
             )
         return found
 

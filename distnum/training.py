@@ -36,11 +36,13 @@ from distnum import checkpoint as checkpoints
 from distnum.data import has_all_files, load_mnist, locate
 from distnum.engines import ENGINES, EngineFactory
 from distnum.engines.base import one_blas_thread
-from distnum.gradient import DEFAULT_H
+from distnum.gradient import DEFAULT_H, check_h, check_h_against
 from distnum.models import (
     ACTIVATIONS,
     INIT_NAMES,
     MultiLayerNet,
+    ParamLayout,
+    check_fits_in_memory,
     default_init_std,
     hidden_setting,
     init_name,
@@ -57,8 +59,9 @@ from distnum.stopping import StopRequests
 DEFAULTS = {"iters": 10000, "batch_size": 100, "lr": 0.1, "hidden": 50,
             "weight_init_std": 0.01, "engine": "fast", "h": DEFAULT_H, "seed": 0,
             "optimizer": "sgd", "activation": "sigmoid", "weight_decay": 0.0}  # fmt: skip
+RUN_COPIES = 8  # arrays of the parameters' size a run holds at once, at most
+CHECKPOINT_AFTER_S = 60.0  # a checkpoint at least this often, whatever --checkpoint-every
 RAY_ADDRESS = re.compile(r"auto|(ray://)?[A-Za-z0-9._-]+:\d{1,5}")
-MAX_H = 1.0  # a nudge beyond 1 measures no derivative of a net whose weights are ~0.01
 
 
 @dataclass
@@ -146,7 +149,11 @@ def check_config(config: TrainConfig) -> None:
                               or not (math.isfinite(decay) and decay >= 0)):  # fmt: skip
         raise ConfigError(f"{option('weight_decay', decay)} must be a finite number >= 0, "
                           "such as 0.1")  # fmt: skip
-    positive("h", "1e-4", MAX_H)
+    if config.h is not None:  # as every function that takes h checks it
+        try:
+            check_h(config.h)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
     if config.optimizer is not None and config.optimizer not in OPTIMIZERS:
         raise ConfigError(f"{option('optimizer', config.optimizer)} is unknown; choose one of "
                           f"{', '.join(OPTIMIZERS)}")  # fmt: skip
@@ -344,23 +351,49 @@ class Run:
         self.folder, self.out, self.stop = folder, folder.out, stop
         self.started = time.perf_counter()
         self.startup_s: float | None = None  # train() called to the first step: data, Ray, actors
+        self.checkpointed = time.monotonic()  # when the last checkpoint was written
         out = self.out
         self.checkpoints = checkpoints.Checkpoints(out, uuid.uuid4().hex)
         self.saved = None
         if config.resume:
-            self.saved, note = self.checkpoints.newest(check_checkpoint)
+            try:
+                self.saved, note = self.checkpoints.newest(check_checkpoint)
+            except checkpoints.CheckpointError:
+                if self.folder.run_files() and not self.whole_run():
+                    raise checkpoints.CheckpointError(
+                        f"{out} holds no whole checkpoint: its run stopped before its first; "
+                        "start it again with the command that started it, without "
+                        f"{option('resume')} (that replaces what it left)"
+                    ) from None
+                raise
             if note:
                 print(f"distnum: {note}", file=sys.stderr)
         elif self.folder.run_files():
-            if not config.overwrite:
+            if self.whole_run() and not config.overwrite:
                 raise RunFolderError(
                     f"{out} holds a run already; go on with it with {resume_hint(out)}"
                     f", or start again there with {option('overwrite')}, or give another "
                     f"{option('out')}"
                 )
+            if not config.overwrite:
+                print(f"distnum: {out} holds the start of a run that stopped before its first "
+                      "checkpoint; starting again there", file=sys.stderr)  # fmt: skip
             self.folder.remove_run()
         self.config = resolved(config, self.saved, out)
         self.last_checkpoint = f"step {self.saved.step}" if self.saved else "none yet"
+
+    def whole_run(self) -> bool:
+        """Whether OUT holds a run that can go on or is done: its outputs, or a valid
+        checkpoint. Without either it holds at most the start of a run killed before its
+        first checkpoint (its metrics.jsonl, the pieces of a checkpoint being written),
+        which a plain run started there takes over."""
+        if any((self.out / name).exists() for name in ("params.npz", "summary.json")):
+            return True
+        try:
+            checkpoints.Checkpoints(self.out, run_id="").newest(check_checkpoint)
+        except checkpoints.CheckpointError:
+            return False
+        return True
 
     def load(self) -> None:
         """Read the data, set up the net and the minibatch generator at the checkpoint's
@@ -381,6 +414,11 @@ class Run:
             raise ConfigError(f"{option('batch_size', config.batch_size)} is larger than the "
                               f"training set ({len(self.x_train)} images)")  # fmt: skip
         weight_rng, self.batch_rng = seeded_rngs(config.seed)
+        layout = ParamLayout(self.x_train.shape[1], config.hidden, 10)
+        try:  # the parameters, a gradient, the optimizer's state, a checkpoint being written
+            check_fits_in_memory(layout, RUN_COPIES, option("hidden", config.hidden))
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
         with np.errstate(over="ignore"):  # check_start says what overflowed, in one line
             self.net = MultiLayerNet(self.x_train.shape[1], config.hidden, 10, config.activation,
                                      config.weight_init_std, config.weight_decay,
@@ -421,13 +459,17 @@ class Run:
                 f"{option('weight_init_std', config.weight_init_std)} makes the "
                 "initial weights or loss overflow; give one such as 0.01"
             )
-        largest = float(np.abs(flat).max())
-        if largest + config.h == largest:
-            raise ConfigError(
-                f"{option('h', config.h)} vanishes next to weights of size {largest:.2g} "
-                f"(float64 spacing {np.spacing(largest):.1g}), so every difference would be "
-                "0; give one such as 1e-4"
-            )
+        try:
+            check_h_against(config.h, flat, "weights")
+        except ValueError as error:
+            largest = float(np.abs(flat).max())
+            if largest > 1e6:  # no net starts with weights this large: their scale is wrong
+                raise ConfigError(
+                    f"{option('weight_init_std', config.weight_init_std)} makes initial "
+                    f"weights of size {largest:.2g}, next to which {option('h', config.h)} "
+                    "vanishes; give one such as 0.01"
+                ) from None
+            raise ConfigError(str(error)) from None
 
     def settings(self) -> dict:
         values = {name: getattr(self.config, name) for name in DEFAULTS}
@@ -435,6 +477,7 @@ class Run:
         return values
 
     def save_checkpoint(self) -> None:
+        self.checkpointed = time.monotonic()
         with writing(self.out, self.last_checkpoint):
             self.checkpoints.save(checkpoints.Checkpoint(
                 self.checkpoints.run_id, self.step, self.net.flat_params,
@@ -488,7 +531,8 @@ class Run:
             self.step += 1
             compute_s += seconds
             step_s = time.perf_counter() - step_started
-            checkpoint = self.step % checkpoint_every == 0 or self.step == config.iters
+            checkpoint = (self.step % checkpoint_every == 0 or self.step == config.iters
+                          or time.monotonic() - self.checkpointed > CHECKPOINT_AFTER_S)  # fmt: skip
             evaluation = self.step % self.iter_per_epoch == 0
             if checkpoint or evaluation or not np.isfinite(net.flat_params).all():
                 self.record(gradient.loss(net.flat_params, batch), step_s, progress)
@@ -626,6 +670,14 @@ def train(config: TrainConfig | None = None, **options) -> dict:
             run = Run(config, folder, stop)
             try:
                 return finish(run)
+            except KeyboardInterrupt as interrupt:  # a second signal, while finish ended
+                if isinstance(interrupt, Interrupted):
+                    raise
+                raise Interrupted(
+                    f"stopped by a second signal at step {run.step} of {run.config.iters}; "
+                    f"last checkpoint: {run.last_checkpoint}, in {run.out}; go on with "
+                    f"{resume_hint(run.out)}"
+                ) from None
             finally:
                 run.close()
         finally:
@@ -636,6 +688,7 @@ def finish(run: Run) -> dict:
     """Load, connect, loop, write the outputs: the body of train()."""
     config = run.config
     run.load()
+    run.folder.mark_running()  # the run is taken: every check of its input has passed
     first_step = run.step
     if first_step == config.iters:  # a finished run resumed: its outputs made again
         summary = run.summary(first_step, {"local": config.local}, 0.0, 0.0)
@@ -672,6 +725,13 @@ def finish(run: Run) -> dict:
             run.startup_s = loop_started - run.started
             compute_s = run.loop(gradient, progress)
             loop_s = time.perf_counter() - loop_started
+    except Exception as error:
+        from distnum.distributed import WorkerFailed  # Ray is imported by now
+
+        if isinstance(error, WorkerFailed):  # one line, and where the run can go on from
+            raise WorkerFailed(f"{error}; last checkpoint: {run.last_checkpoint}, in {run.out}; "
+                               f"go on with {resume_hint(run.out)}") from None  # fmt: skip
+        raise
     except KeyboardInterrupt as interrupt:  # a second signal, or Ctrl-C outside our handler
         if isinstance(interrupt, Interrupted):
             raise

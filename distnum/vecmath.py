@@ -231,37 +231,19 @@ def log1p(y: float) -> float:
     return log(u) * (y / (u - 1.0))
 
 
-@numba.njit(**JIT)
-def expm1_array(x: np.ndarray) -> np.ndarray:
-    """Elementwise expm1 of a 1-D float64 array (for tests and benchmarks)."""
-    out = np.empty_like(x)
-    for i in range(x.size):
-        out[i] = expm1(x[i])
-    return out
+def elementwise(function):
+    """function of one float64, over a 1-D float64 array: for tests and benchmarks (compiled
+    at first use, not cached: numba caches no function made by another)."""
+
+    @numba.njit(nogil=True, error_model="numpy")
+    def over(x: np.ndarray) -> np.ndarray:
+        out = np.empty_like(x)
+        for i in range(x.size):
+            out[i] = function(x[i])
+        return out
+
+    return over
 
 
-@numba.njit(**JIT)
-def log1p_array(x: np.ndarray) -> np.ndarray:
-    """Elementwise log1p of a 1-D float64 array (for tests and benchmarks)."""
-    out = np.empty_like(x)
-    for i in range(x.size):
-        out[i] = log1p(x[i])
-    return out
-
-
-@numba.njit(**JIT)
-def exp_array(x: np.ndarray) -> np.ndarray:
-    """Elementwise exp of a 1-D float64 array (for tests and benchmarks)."""
-    out = np.empty_like(x)
-    for i in range(x.size):
-        out[i] = exp(x[i])
-    return out
-
-
-@numba.njit(**JIT)
-def log_array(x: np.ndarray) -> np.ndarray:
-    """Elementwise log of a 1-D float64 array (for tests and benchmarks)."""
-    out = np.empty_like(x)
-    for i in range(x.size):
-        out[i] = log(x[i])
-    return out
+exp_array, log_array = elementwise(exp), elementwise(log)
+expm1_array, log1p_array = elementwise(expm1), elementwise(log1p)

@@ -72,7 +72,7 @@ def test_bench_table_labels_the_extrapolation(mnist_dir):
 
 def test_bad_h_and_missing_data_are_one_line_errors(tmp_path):
     run = distnum("gradcheck", "--h", "0")
-    assert run.returncode == 2 and "must be finite and > 0" in run.stderr
+    assert run.returncode == 2 and "must be finite, > 0 and <= 1" in run.stderr
     run = distnum("bench", "--data-dir", str(tmp_path))
     assert run.returncode == 2
     assert run.stderr.strip().count("\n") == 0 and "has no train-images" in run.stderr
@@ -87,8 +87,11 @@ def test_bench_workers_reports_steps_per_second_and_overhead(mnist_dir, joining)
     rows = json.loads(run.stdout)["workers"]
     assert [r["workers"] for r in rows] == [1, 2]
     assert rows[0]["speedup"] == 1.0
+    assert rows[0]["ceiling"] == 1.0  # one alone against one alone
     for r in rows:
         assert r["steps"] == 20 and r["steps_per_s"] > 0
+        assert 0.5 < r["ceiling"] <= r["workers"] * 1.2  # two at once are not more than twice one
+        assert r["of_ceiling"] == r["speedup"] / r["ceiling"]
         assert 0 < r["median_compute_s"] < r["median_step_s"]
         assert r["median_overhead_s"] > 0
         assert r["transport"] == "shared memory"  # the actors run on the driver's node

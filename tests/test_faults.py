@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
+from idx_files import write_fake_mnist
 from run_helpers import (
     TINY,
     checkpoint_steps,
@@ -262,6 +263,11 @@ BAD_INPUTS = {
         "--weight-init-std 1e+308 makes the initial weights or loss overflow",
     ),
     "out holding a run": (["--out", "{finished}"], "holds a run already; go on with it with"),
+    "hidden beyond memory": (
+        ["--hidden", "100000000", "--batch-size", "10"],
+        "--hidden 100000000 makes a net of 79,500,000,010 parameters, whose arrays need about",
+    ),
+    "weight init huge": (["--weight-init-std", "1e300"], "--weight-init-std 1e+300 makes"),
     "RAY_ADDRESS garbage": (
         [],
         "RAY_ADDRESS='garbage' is not a Ray address",
@@ -304,3 +310,61 @@ def test_bad_input_is_one_line_exit_2_before_ray(case, tiny_mnist, finished_run,
     assert len(lines) == 1 and expected in lines[0], stderr
     assert "Traceback" not in stderr and "Token authentication" not in stderr  # Ray never began
     assert "RAY_AUTH_MODE" not in stderr  # no token hint where tokens are not the problem
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}  # fmt: skip
+
+
+def test_a_refused_run_leaves_the_folder_byte_for_byte(finished_run, tiny_mnist, tmp_path):
+    """A second run on a finished run's folder, and a resume on other data, are refused
+    (exit 2) and change nothing there, its lock file's pid included."""
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    (out / ".distnum.lock").write_text("12345\n")  # as the run that wrote there left it
+    before = snapshot(out)
+    other = tmp_path / "other-data"
+    write_fake_mnist(other, n_train=70, n_test=20)
+    for args in (["--out", str(out), "--iters", "5", "--data-dir", str(tiny_mnist), *TINY],
+                 ["--resume", str(out), "--data-dir", str(other)]):  # fmt: skip
+        _, stderr = (run := start_train(*args, "--local", "--quiet")).communicate(timeout=60)
+        assert run.returncode == 2, stderr
+        assert snapshot(out) == before, args
+
+
+def test_a_run_killed_before_its_first_checkpoint_is_started_again(tiny_mnist, tmp_path):
+    """SIGKILL before the first checkpoint, then what a SIGKILL while writing it leaves (the
+    arrays without their manifest, a temporary file): --resume says there is no whole
+    checkpoint and to start again, and the command that started the run does, to the bits
+    of a run done in one go; neither points at the other in a circle."""
+    out = tmp_path / "run"
+    args = ["--local", "--iters", "400", "--checkpoint-every", "300", "--quiet", "--data-dir",
+            str(tiny_mnist), "--out", str(out), *TINY]  # fmt: skip
+    run = start_train(*args)
+    metrics = out / "metrics.jsonl"
+    wait_until(lambda: metrics.exists() and metrics.read_text().count('"loss"') >= 20, 120, run)
+    run.send_signal(signal.SIGKILL)
+    run.communicate(timeout=60)
+    assert checkpoint_steps(out) == []
+    folder = checkpoints.directory(out)
+    folder.mkdir(exist_ok=True)
+    (folder / "step-0000300.npz").write_bytes(b"PK\x03\x04 half an archive")
+    (folder / ".step-0000300.json.a1b2c3.tmp").write_text('{"step": 3')
+    resumed = start_train("--resume", str(out), "--local", "--quiet")
+    _, stderr = resumed.communicate(timeout=60)
+    assert resumed.returncode == 2, stderr
+    (line,) = stderr.splitlines()
+    assert "holds no whole checkpoint" in line and "without --resume" in line
+    again = start_train(*args)
+    _, stderr = again.communicate(timeout=120)
+    assert again.returncode == 0, stderr
+    assert "stopped before its first checkpoint; starting again there" in stderr
+    assert summary_of(out)["params_sha256"] == reference_sha(tiny_mnist, tmp_path, 400)
+    assert checkpoint_steps(out) == [300, 400]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "step-0000300.json",
+        "step-0000300.npz",
+        "step-0000400.json",
+        "step-0000400.npz",
+    ]

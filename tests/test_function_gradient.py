@@ -100,8 +100,32 @@ def test_f_must_return_one_number(ray_session):
             lambda: distnum.numerical_gradient(make_unshippable(), np.ones(3), workers=2),
             "cannot be shipped",
         ),
+        # as strict as train: the same checks, the same messages
+        (
+            lambda: distnum.numerical_gradient(wavy, np.ones(3), h="1e-4", workers=2),
+            r"h='1e-4' is not a number; give one such as 1e-4",
+        ),
+        (
+            lambda: distnum.numerical_gradient(wavy, np.ones(3), h=10, workers=2),
+            r"h=10 must be finite, > 0 and <= 1",
+        ),
+        (
+            lambda: distnum.numerical_gradient(wavy, np.ones(3), h=1e-300, workers=2),
+            r"h=1e-300 vanishes next to x's entries of size 1",
+        ),
+        (lambda: distnum.numerical_gradient(5, np.ones(3), workers=2), r"f=5 is not a function"),
+        (
+            lambda: distnum.numerical_gradient(wavy, np.ones((0, 3)), workers=2),
+            r"x has shape \(0, 3\), no entries",
+        ),
     ],
 )
 def test_bad_arguments_are_refused_before_ray(call, problem):
     with pytest.raises(ValueError, match=problem):
         call()
+
+
+def test_more_workers_than_the_cluster_holds_is_one_line(ray_session):
+    with pytest.raises(ValueError, match=r"^workers=1000000: 1000000 worker actors need about "
+                                         r".* give at most \d+"):  # fmt: skip
+        distnum.numerical_gradient(wavy, np.ones(3), workers=10**6, quiet=True)

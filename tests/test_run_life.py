@@ -384,6 +384,19 @@ DAMAGE = {
     "epochs 1-D": arrays_changed(lambda a: a.update(epochs=a["epochs"].ravel())),
     "parameters with NaN": arrays_changed(set_nan),
     "not a JSON object": lambda path: path.write_text("[1, 2, 3]"),
+    # files that are no checkpoint's: read, they would hang the run or fill its memory
+    "manifest a FIFO": lambda path: (path.unlink(), os.mkfifo(path)),
+    "manifest a link to the older one": lambda path: (
+        path.unlink(),
+        path.symlink_to("step-0000010.json"),
+    ),
+    "arrays a link to /dev/zero": lambda path: (
+        path.with_suffix(".npz").unlink(),
+        path.with_suffix(".npz").symlink_to("/dev/zero"),
+    ),
+    "arrays larger than the run's can be": lambda path: (
+        path.with_suffix(".npz").open("ab").write(b"\0" * (2 << 20))
+    ),
 }
 
 
@@ -537,3 +550,25 @@ def test_sigterms_through_rays_shutdown_reach_the_handler():
         child.kill()
         child.communicate()
     assert_nothing_left(processes)
+
+
+@pytest.mark.parametrize("gap_s", [0.0, 0.05, 0.3])
+def test_a_second_ctrl_c_still_says_where_the_run_is_and_how_to_go_on(tiny_mnist, tmp_path,
+                                                                      gap_s):  # fmt: skip
+    """Two Ctrl-C in a row (the second stops at once, wherever the run is): one line with the
+    step or the checkpoint and --resume, never a bare "interrupted"; and --resume finishes."""
+    out = tmp_path / "run"
+    run = start_train("--local", "--iters", "100000", "--checkpoint-every", "50", "--quiet",
+                      "--data-dir", str(tiny_mnist), "--out", str(out), *TINY)  # fmt: skip
+    wait_until(lambda: len(checkpoint_steps(out)) >= 1, 120, run)
+    run.send_signal(signal.SIGINT)
+    time.sleep(gap_s)
+    run.send_signal(signal.SIGINT)
+    status, _, stderr = finish(run)
+    assert status == 130, stderr
+    line = one_line(stderr)
+    assert "--resume" in line and ("step" in line or "checkpoint" in line), line
+    status, _, stderr = finish(start_train("--resume", str(out), "--iters",
+                                           str(newest_checkpoint(out)[0].step + 6), "--local",
+                                           "--quiet"))  # fmt: skip
+    assert status == 0, stderr
