@@ -91,7 +91,7 @@ def test_numerical_gradient_rejects_bad_input():
     with pytest.raises(ValueError, match="float array"):
         numerical_gradient(f2, np.array([3, 4]))
     for bad_h in (0.0, -1e-4, float("nan"), float("inf")):
-        with pytest.raises(ValueError, match="finite and > 0"):
+        with pytest.raises(ValueError, match=r"must be finite, > 0 and <= 1"):
             numerical_gradient(f2, np.array([3.0, 4.0]), h=bad_h)
 
 
