@@ -244,14 +244,14 @@ def data_bytes_bound(settings: dict, step: int) -> int:
     """The most a checkpoint's .npz of a run with these settings can hold at step: its
     parameters, the optimizer's two state vectors at most, a loss and a time per step, an
     evaluation per step at most, and room for the archive's own bytes. The net's input is
-    an MNIST image's 784 pixels (every data set distnum reads); settings not yet checked
-    count as the largest they could be here."""
-    hidden = settings.get("hidden", 50)
-    sizes = hidden if isinstance(hidden, list) else [hidden]
-    if not all(isinstance(n, int) and not isinstance(n, bool) and 0 < n < 2**31 for n in sizes):
-        return 1 << 20  # no net: the check of the settings will say what is wrong
-    layers = [784, *sizes, 10]
-    params = sum(a * b + b for a, b in zip(layers[:-1], layers[1:], strict=False))
+    an MNIST image's 784 pixels (every data set distnum reads); settings that are no net's
+    allow a megabyte, and their check says what is wrong with them."""
+    from distnum.models import ParamLayout
+
+    try:
+        params = ParamLayout(784, settings.get("hidden", 50), 10).size
+    except (ValueError, TypeError):
+        return 1 << 20
     return 8 * (3 * params + 2 * step + 4 * step) + (1 << 20)
 
 

@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 import numba
 import numpy as np
+import psutil
 
 from distnum.functions import (
     cross_entropy_error,
@@ -315,8 +316,6 @@ def init_scale(weight_init_std: str | float, fan_in: int) -> float:
 def check_fits_in_memory(layout: ParamLayout, copies: int, name: str) -> None:
     """A ValueError naming the option (name) when copies arrays of the layout's parameters
     cannot fit in this machine's free memory: said before any is allocated."""
-    import psutil
-
     needed = 8 * layout.size * copies
     free = psutil.virtual_memory().available
     if needed > free:

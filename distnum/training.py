@@ -359,7 +359,7 @@ class Run:
             try:
                 self.saved, note = self.checkpoints.newest(check_checkpoint)
             except checkpoints.CheckpointError:
-                if self.folder.run_files() and not self.whole_run():
+                if self.folder.run_files() and not self.has_outputs():
                     raise checkpoints.CheckpointError(
                         f"{out} holds no whole checkpoint: its run stopped before its first; "
                         "start it again with the command that started it, without "
@@ -382,12 +382,16 @@ class Run:
         self.config = resolved(config, self.saved, out)
         self.last_checkpoint = f"step {self.saved.step}" if self.saved else "none yet"
 
+    def has_outputs(self) -> bool:
+        """Whether OUT holds a finished run's outputs (params.npz, summary.json)."""
+        return any((self.out / name).exists() for name in ("params.npz", "summary.json"))
+
     def whole_run(self) -> bool:
         """Whether OUT holds a run that can go on or is done: its outputs, or a valid
         checkpoint. Without either it holds at most the start of a run killed before its
         first checkpoint (its metrics.jsonl, the pieces of a checkpoint being written),
         which a plain run started there takes over."""
-        if any((self.out / name).exists() for name in ("params.npz", "summary.json")):
+        if self.has_outputs():
             return True
         try:
             checkpoints.Checkpoints(self.out, run_id="").newest(check_checkpoint)
@@ -726,11 +730,14 @@ def finish(run: Run) -> dict:
             compute_s = run.loop(gradient, progress)
             loop_s = time.perf_counter() - loop_started
     except Exception as error:
-        from distnum.distributed import WorkerFailed  # Ray is imported by now
-
-        if isinstance(error, WorkerFailed):  # one line, and where the run can go on from
-            raise WorkerFailed(f"{error}; last checkpoint: {run.last_checkpoint}, in {run.out}; "
-                               f"go on with {resume_hint(run.out)}") from None  # fmt: skip
+        # a worker's failure: one line, and where the run can go on from (a run in this
+        # process never imports distnum.distributed, and so Ray, and has no worker to fail)
+        distributed = sys.modules.get("distnum.distributed")
+        if distributed is not None and isinstance(error, distributed.WorkerFailed):
+            raise distributed.WorkerFailed(
+                f"{error}; last checkpoint: {run.last_checkpoint}, in {run.out}; go on with "
+                f"{resume_hint(run.out)}"
+            ) from None
         raise
     except KeyboardInterrupt as interrupt:  # a second signal, or Ctrl-C outside our handler
         if isinstance(interrupt, Interrupted):

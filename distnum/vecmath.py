@@ -139,15 +139,6 @@ def sigmoid(x: float) -> float:
     return 1.0 / (1.0 + exp(-x))
 
 
-@numba.njit(inline="always", **JIT)
-def activate(a: float, relu: bool) -> float:
-    """A hidden layer's activation of one pre-activation: ReLU (0.0 where a <= 0, as
-    distnum.functions.relu) or the sigmoid."""
-    if relu:
-        return 0.0 if a <= 0.0 else a
-    return sigmoid(a)
-
-
 # expm1 and log1p, for the exact changes of the delta form (distnum/engines/deltas.py). Near
 # 0 each is its power series, cut after DEGREE terms where what is left is below half an ulp
 # of the result (series_bound); that is how the function is evaluated there, not an

@@ -96,20 +96,22 @@ class FastEngine(ShardEngine):
         shard's inputs need; an output-layer one once per sample."""
         layout, batch = self.layout, checked_inputs(self.layout, x)
         inputs = forward(layout, layout.views(checked_params(flat)), batch).inputs
+
+        def values(entries, pixels: np.ndarray) -> int:  # the sample values pixels need
+            ranges = [entries.value_id[entries.pixel_start[i] : entries.pixel_start[i + 1]]
+                      for i in pixels]  # fmt: skip
+            return np.unique(np.concatenate(ranges)).size if ranges else 0
+
         hidden = 0
         for requests in self.hidden:
             entries = input_entries(inputs[requests.layer - 1])
             for j in range(requests.unit_start.size - 1):
                 pixels = requests.pixel[requests.unit_start[j] : requests.unit_start[j + 1]]
-                if pixels.size:
-                    ranges = [entries.value_id[entries.pixel_start[i] : entries.pixel_start[i + 1]]
-                              for i in pixels]  # fmt: skip
-                    hidden += 2 * np.unique(np.concatenate(ranges)).size
-        if self.last_hidden is not None:
+                hidden += 2 * values(entries, pixels)
+        if self.last_hidden is not None:  # each of its units, for every value its pixels need
             entries = input_entries(inputs[layout.depth - 2])
-            ranges = [entries.value_id[entries.pixel_start[i] : entries.pixel_start[i + 1]]
-                      for i in self.last_hidden.pixels]  # fmt: skip
-            hidden += 2 * np.unique(np.concatenate(ranges)).size * self.last_hidden.slot_of.shape[1]
+            units = self.last_hidden.slot_of.shape[1]
+            hidden += 2 * values(entries, self.last_hidden.pixels) * units
         return {"nudged_losses": hidden + 2 * self.output_slot.size * x.shape[0]}
 
     def __call__(self, flat: np.ndarray, x: np.ndarray, labels: np.ndarray, h: float) -> np.ndarray:

@@ -21,6 +21,7 @@ import numpy as np
 from distnum.engines.deltas import relu_change, sigmoid_change, sigmoid_change_by, unit_change
 from distnum.engines.last_hidden_layer import moment_series
 from distnum.engines.sample_values import add_differences, needed_values
+from distnum.engines.unnudged import moments_of
 from distnum.vecmath import (
     DEGREE,
     EXPM1_SERIES_MAX,
@@ -85,23 +86,6 @@ def unit_changes(relu, tables, k, p, n, size, moved, out, row):
     else:
         for q in range(size):
             out[row, q] = sigmoid_change_by(a, s, sr, r, moved[q])
-
-
-@numba.njit(inline="always", **JIT)
-def moment_row(probabilities, n, response, out):
-    """out[k-1] = sum_c p[c, n] response[c]**k / k!, k = 1..DEGREE, as unnudged.py's
-    moment_table: sum_c p_c expm1(d response_c) is then sum_k d**k out[k-1]."""
-    for k in range(DEGREE):
-        out[k] = 0.0
-    for c in range(response.size):
-        power = probabilities[c, n]
-        for k in range(DEGREE):
-            power *= response[c]
-            out[k] += power
-    factorial = 1.0
-    for k in range(DEGREE):
-        factorial *= k + 1
-        out[k] /= factorial
 
 
 @numba.njit(inline="always", **JIT)
@@ -201,8 +185,10 @@ def loss_differences(
     num_classes = output_weights.shape[1]
     g, g_abs = np.empty(widest), np.empty(widest)
     g_next, g_abs_next, lost = np.empty(widest), np.empty(widest), np.empty(widest)
-    response = np.empty(num_classes)
-    moments = np.empty(DEGREE)
+    column = np.empty((num_classes, 1))  # the logits' response to d, as moments_of reads it
+    response = column[:, 0]
+    moment_column, power = np.empty((DEGREE, 1)), np.empty(1)
+    moments = moment_column[:, 0]
     largest_input = np.ones(value_sample[-1] + 1 if value_sample.size else 0)
     for v in range(num_values):  # |d| <= h |input| for ReLU: the most a unit moves, by sample
         largest_input[value_sample[v]] = max(largest_input[value_sample[v]], abs(value[v]))
@@ -236,7 +222,7 @@ def loss_differences(
                 for c in range(num_classes):
                     y = max(y, largest * abs(response[c]))
                 if y <= EXPM1_SERIES_MAX:  # (else: propagated below, unit by unit)
-                    moment_row(probabilities, n, response, moments)
+                    moments_of(probabilities[:, n], column, moment_column, power)
                     target_response = response[labels[n]]
                     for q in range(size):
                         difference[moving[block + q]] = linear_difference(

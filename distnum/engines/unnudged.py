@@ -58,27 +58,34 @@ def by_moments(largest_logit_change: float) -> tuple[bool, bool]:
     return y <= EXPM1_SERIES_MAX, 2.0 * y <= SERIES_MAX
 
 
+@numba.njit(inline="always", **JIT)
+def moments_of(p, by_class, out, power):
+    """out[k-1, j] = sum over the classes c, in order 0..K-1, of p[c] by_class[c, j]**k (the
+    power a product at a time), then divided by k!, for k = 1..out.shape[0] and each column
+    j: the coefficients of sum_c p_c expm1(d w_c) = sum_k d**k out[k-1, j] for the weights
+    w = by_class[:, j] (p (K,), by_class (K, J), power (J,) room to work in)."""
+    out[:, :] = 0.0
+    for c in range(p.size):
+        for j in range(power.size):
+            power[j] = p[c]
+        for k in range(out.shape[0]):
+            for j in range(power.size):
+                power[j] *= by_class[c, j]
+                out[k, j] += power[j]
+    factorial = 1.0
+    for k in range(out.shape[0]):
+        factorial *= k + 1
+        for j in range(power.size):
+            out[k, j] /= factorial
+
+
 @numba.njit(**JIT)
 def moment_table(probabilities, W, degree):
-    """M_k[n, j] / k! for k = 1..degree, (B, degree, H): each M_k the sum over the classes in
-    order 0..K-1 of p[n, c] W[j, c]**k (the power a product at a time), then divided by k!."""
-    batch_size, num_classes = probabilities.shape
-    hidden = W.shape[0]
-    by_class = np.ascontiguousarray(W.T)  # (K, H), so that the loops over units are contiguous
-    out = np.zeros((batch_size, degree, hidden))
-    power = np.empty(hidden)
-    for n in range(batch_size):
-        for c in range(num_classes):
-            w = by_class[c]
-            for j in range(hidden):
-                power[j] = probabilities[n, c]
-            for k in range(degree):
-                for j in range(hidden):
-                    power[j] *= w[j]
-                    out[n, k, j] += power[j]
-        factorial = 1.0
-        for k in range(degree):
-            factorial *= k + 1
-            for j in range(hidden):
-                out[n, k, j] /= factorial
+    """moments_of each sample's probabilities (B, K) for the outgoing weights W (H, K) of
+    every unit: (B, degree, H), M_k[n, j] / k! = sum_c p[n, c] W[j, c]**k / k!."""
+    by_class = np.ascontiguousarray(W.T)  # (K, H): the loops over units contiguous
+    out = np.empty((probabilities.shape[0], degree, W.shape[0]))
+    power = np.empty(W.shape[0])
+    for n in range(probabilities.shape[0]):
+        moments_of(probabilities[n], by_class, out[n], power)
     return out
