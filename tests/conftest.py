@@ -5,9 +5,11 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 
 # the tests' Ray (ray_session) authenticates with a token, as `ray start` sets one up; Ray
@@ -62,25 +64,31 @@ def load_local_cluster():
 
 
 @pytest.fixture(scope="session")
-def ray_session():
-    """One Ray for the tests that compute in this process (starting one costs seconds): a
-    head of 2 CPUs, no dashboard, started as `ray start` starts one, with a port of its own
-    for its dashboard agent (a Ray started by ray.init takes Ray's default, 52365, and every
-    other Ray started meanwhile, such as each `distnum train` the tests run as a process,
-    then waits 3-4 s for its agent's port); this process connected to it. Stopped by pid at
-    the end, leaving no process."""
-    import ray
-
+def tests_ray() -> dict:
+    """One Ray for the tests of this process (pytest-xdist runs the suite in two, each with
+    its own): a head of 2 CPUs, no dashboard, started as `ray start` starts one, with a port
+    of its own for its dashboard agent (a Ray started by ray.init takes Ray's default, 52365,
+    and every other Ray started meanwhile, such as each `distnum train` the tests run as a
+    process, then waits 3-4 s for its agent's port). Gives local_cluster.start's description
+    of it ("address", "session"); stopped by pid at the end, leaving no process."""
     local_cluster = load_local_cluster()
     state = Path(f"/tmp/distnum-tests-{os.getpid()}")  # short: Ray's socket paths must be
-    info = local_cluster.start(2, [], local_cluster.free_port(), None, state)
     try:
-        ray.init(address=info["address"], log_to_driver=False, logging_level="WARNING")
-        yield ray
-        ray.shutdown()
+        yield local_cluster.start(2, [], local_cluster.free_port(), None, state)
     finally:
         local_cluster.stop(state)
         shutil.rmtree(state, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_session(tests_ray):
+    """The tests' Ray (tests_ray), this process connected to it, for the tests that compute
+    in this process (starting a Ray costs seconds)."""
+    import ray
+
+    ray.init(address=tests_ray["address"], log_to_driver=False, logging_level="WARNING")
+    yield ray
+    ray.shutdown()
 
 
 @pytest.fixture(scope="session")
@@ -94,8 +102,29 @@ def tiny_mnist(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def joining(ray_session) -> list[str]:
+def joining(tests_ray) -> list[str]:
     """The options that make a `distnum train` started as a process join the tests' Ray (in
     a second or so) rather than start its own (5-7 s): for the tests of what a run does,
     not of how it starts or ends Ray."""
-    return ["--address", ray_session.get_runtime_context().gcs_address]
+    return ["--address", tests_ray["address"]]
+
+
+@pytest.fixture
+def tests_ray_workers(tests_ray) -> Callable[[], list[psutil.Process]]:
+    """A function giving the worker actors' processes in the tests' Ray: those of the one run
+    a test has joined to it (a Ray holds one run's actors at a time), never another test
+    process's, whose Ray is its own."""
+    local_cluster = load_local_cluster()
+
+    def processes() -> list[psutil.Process]:
+        found = []
+        for process in local_cluster.cluster_processes(tests_ray["session"]):
+            try:
+                command = process.cmdline()
+                if command and command[0].startswith("ray::GradientWorker"):
+                    found.append(process)
+            except psutil.NoSuchProcess:
+                pass
+        return found
+
+    return processes

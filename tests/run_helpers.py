@@ -54,16 +54,6 @@ def summary_of(out: Path) -> dict:
     return json.loads((out / "summary.json").read_text())
 
 
-def gradient_worker_processes() -> list[psutil.Process]:
-    """The worker actors' processes on this machine: the running run's (the tests run one at
-    a time, each leaving none), whether its Ray is its own or the tests' (ray_session)."""
-    found = []
-    for process in psutil.process_iter(["cmdline"]):
-        if any("GradientWorker" in part for part in process.info["cmdline"] or []):
-            found.append(process)
-    return found
-
-
 def kill_leftovers(processes: list[psutil.Process]) -> None:
     """End what a SIGKILLed driver could not (its local Ray), so no test leaves processes."""
     for process in processes:

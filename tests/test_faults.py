@@ -26,7 +26,6 @@ from idx_files import write_fake_mnist
 from run_helpers import (
     TINY,
     checkpoint_steps,
-    gradient_worker_processes,
     kill_leftovers,
     newest_checkpoint,
     reference_sha,
@@ -122,13 +121,15 @@ def test_a_checkpoint_of_the_earlier_fast_engine_is_refused_by_name(engine, tiny
 # --- processes killed ------------------------------------------------------------------------
 
 
-def test_a_killed_worker_is_replaced_and_its_step_redone(tiny_mnist, tmp_path, joining):
+def test_a_killed_worker_is_replaced_and_its_step_redone(
+    tiny_mnist, tmp_path, joining, tests_ray_workers
+):
     out = tmp_path / "run"
     run = start_train("--iters", "300", "--workers", "2", "--quiet", "--data-dir",
                       str(tiny_mnist), "--out", str(out), *TINY, *joining)  # fmt: skip
     metrics = out / "metrics.jsonl"
     wait_until(lambda: metrics.exists() and metrics.read_text().count("test_acc") >= 3, 180, run)
-    victim = gradient_worker_processes()[0]
+    victim = tests_ray_workers()[0]
     victim.send_signal(signal.SIGKILL)
     _, stderr = run.communicate(timeout=300)
     assert run.returncode == 0, stderr
@@ -137,14 +138,15 @@ def test_a_killed_worker_is_replaced_and_its_step_redone(tiny_mnist, tmp_path, j
     assert summary["params_sha256"] == reference_sha(tiny_mnist, tmp_path, 300)
 
 
-def test_beyond_the_restarts_a_clear_error_and_the_checkpoint_kept(tiny_mnist, tmp_path,
-                                                                   joining):  # fmt: skip
+def test_beyond_the_restarts_a_clear_error_and_the_checkpoint_kept(
+    tiny_mnist, tmp_path, joining, tests_ray_workers
+):
     out = tmp_path / "run"
     run = start_train("--iters", "100000", "--workers", "2", "--quiet", "--data-dir",
                       str(tiny_mnist), "--out", str(out), "--max-worker-restarts", "0",
                       *TINY, *joining)  # fmt: skip
     wait_until(lambda: len(checkpoint_steps(out)) >= 2, 180, run)
-    gradient_worker_processes()[0].send_signal(signal.SIGKILL)
+    tests_ray_workers()[0].send_signal(signal.SIGKILL)
     _, stderr = run.communicate(timeout=120)
     assert run.returncode == 1, stderr
     assert "more than --max-worker-restarts 0" in stderr

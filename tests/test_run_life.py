@@ -24,7 +24,6 @@ from run_helpers import (
     assert_nothing_left,
     checkpoint_steps,
     descendants,
-    gradient_worker_processes,
     newest_checkpoint,
     reference_sha,
     rewrite_manifest,
@@ -136,14 +135,16 @@ def test_resume_on_other_data_is_refused(tiny_mnist, tmp_path):
 # --- exit statuses -----------------------------------------------------------------------
 
 
-def test_a_success_after_a_worker_was_replaced_exits_0(mnist_dir, tmp_path, joining):
+def test_a_success_after_a_worker_was_replaced_exits_0(
+    mnist_dir, tmp_path, joining, tests_ray_workers
+):
     """The issue's probe: real MNIST, a worker actor killed at about step 60."""
     out = tmp_path / "run"
     args = ["--iters", "150", "--workers", "2", "--seed", "4", "--checkpoint-every", "30",
             "--data-dir", str(mnist_dir), "--quiet", *joining]  # fmt: skip
     run = start_train(*args, "--out", str(out))
     wait_until(lambda: checkpoint_steps(out) and checkpoint_steps(out)[-1] >= 60, 300, run)
-    gradient_worker_processes()[0].send_signal(signal.SIGKILL)
+    tests_ray_workers()[0].send_signal(signal.SIGKILL)
     status, stdout, stderr = finish(run)
     assert status == 0, stderr
     assert stdout.strip().splitlines()[-1].startswith("done: 150 steps")
