@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +21,20 @@ os.environ["RAY_AUTH_MODE"] = "token"
 from distnum.data import has_all_files, load_mnist
 
 CLUSTER = Path(__file__).resolve().parent.parent / "cluster"
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Before any test (in pytest-xdist's controller, before its two processes start, or in
+    the one process of `-n 0`): the kernels compiled into numba's cache by tests/warm_kernels.py,
+    two nets in two processes at once. A failure here is left for the tests to show."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    script = Path(__file__).parent / "warm_kernels.py"
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    warming = [subprocess.Popen([sys.executable, str(script), net], **quiet)
+               for net in ("chapter", "deep")]  # fmt: skip
+    for process in warming:
+        process.wait()
 
 
 def real_mnist_dir() -> Path:

@@ -1,7 +1,8 @@
 """A Ray cluster of two hosts, each in its own network namespace (cluster/local_cluster.py
-start --netns): a job submitted from the head's namespace runs on both hosts and gives the bits
-of one machine; the hosts have their own addresses, reach each other over the bridge, and their
-links carry the rate limit. Needs root; skipped where network namespaces cannot be made."""
+start --netns): a job submitted from the head's namespace runs on both hosts and gives the
+bits of one machine, and a link down for 2 s mid-run costs it nothing; the hosts have their
+own addresses, reach each other over the bridge, and their links carry the rate limit. Needs
+root; skipped where network namespaces cannot be made."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from conftest import load_local_cluster
+from run_helpers import TINY, reference_sha, wait_until
 
 from distnum.training import train
 
@@ -110,6 +112,37 @@ def test_job_from_the_head_namespace_runs_on_both_hosts_with_the_bits_of_one(
     alone = train(iters=60, local=True, data_dir=str(mnist_dir), out=str(tmp_path / "alone"),
                   quiet=True)  # fmt: skip
     assert summary["params_sha256"] == alone["params_sha256"]
+
+
+def test_a_link_down_for_two_seconds_mid_run_costs_the_run_nothing(cluster, tiny_mnist, tmp_path):
+    """The worker host's cable pulled at the switch for 2 s (less than a step's 10 s wait)
+    while a job runs on both hosts: TCP carries the step across the gap, and the run ends
+    with no actor replaced and the bits of one process."""
+    network = cluster["netns"]
+    head, worker = network["hosts"]
+    out = tmp_path / "job"
+    job = subprocess.Popen(
+        ["ip", "netns", "exec", head["namespace"], "ray", "job", "submit", "--address",
+         cluster["dashboard"], "--", "distnum", "train", "--address", "auto", "--iters", "600",
+         "--workers", "2", "--data-dir", str(tiny_mnist), "--out", str(out), "--quiet", *TINY],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "RAY_AUTH_MODE": "token"},
+    )  # fmt: skip
+    metrics = out / "metrics.jsonl"
+    wait_until(lambda: metrics.exists() and metrics.read_text().count("test_acc") >= 3, 180, job)
+    cable = ["ip", "-n", network["switch"], "link", "set", worker["switch_link"]]
+    subprocess.run([*cable, "down"], check=True)
+    time.sleep(2)
+    subprocess.run([*cable, "up"], check=True)
+    stdout, stderr = job.communicate(timeout=300)
+    assert job.returncode == 0 and "succeeded" in stdout, stdout + stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["worker_restarts"] == 0
+    assert sorted(summary["actors_per_node"].values()) == [1, 1]
+    # the gap fell inside the run: one step waited through it
+    steps = [json.loads(line) for line in metrics.read_text().splitlines() if '"loss"' in line]
+    assert max(step["seconds"] for step in steps) > 1.5
+    assert summary["params_sha256"] == reference_sha(tiny_mnist, tmp_path, 600)
 
 
 def raylet_port(namespace: str) -> int:

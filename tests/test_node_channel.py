@@ -4,8 +4,11 @@ them in their processes in the other tests)."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import struct
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -103,27 +106,40 @@ def test_accept_gives_up_when_an_actor_cannot_serve():
     assert not Path(channel.shared.path).exists()
 
 
-@pytest.fixture
-def relayed():
+@contextlib.contextmanager
+def two_nodes(strangers_first: bool = False):
     """The driver's channel with actor 0 on its node, and a relay for actor 1 on "another
-    node" (its own channel, reached over TCP on 127.0.0.1)."""
+    node" (its own channel, reached over TCP on 127.0.0.1); with strangers_first, strangers
+    at the relay's port before the driver. Gives the driver's channel, the other node's,
+    the relay's endpoint, the secret, the relay's thread and the strangers' connections."""
     driver = NodeChannel(SIZE, MAX_BATCH, [0], ORDER)
     here = start_actors(driver, [0])
     there = NodeChannel(SIZE, MAX_BATCH, [1])
     remote = start_actors(there, [1])
     listener = socket.create_server(("127.0.0.1", 0))
+    endpoint = listener.getsockname()[:2]
+    arrived = strangers(endpoint, socket.AF_INET) if strangers_first else []
     secret = b"s" * node_channel.SECRET_BYTES
     relay = threading.Thread(target=node_channel.relay,
                              args=(listener, secret, there, [PLACES[1]], 30))  # fmt: skip
     there.accept(timeout_s=30, failed=lambda: False)
     relay.start()
     driver.accept(timeout_s=30, failed=lambda: False)
-    endpoint = listener.getsockname()[:2]
-    yield driver, there, endpoint, secret, relay
-    driver.close()
-    assert joined([relay])  # the relay ends with the driver's connection...
-    there.close()  # (as HostRelay.serve closes its channel then)
-    assert joined(here + remote)  # ...and its actors with its channel
+    try:
+        yield driver, there, endpoint, secret, relay, arrived
+    finally:
+        driver.close()
+        for stranger in arrived:
+            stranger.close()
+        assert joined([relay])  # the relay ends with the driver's connection...
+        there.close()  # (as HostRelay.serve closes its channel then)
+        assert joined(here + remote)  # ...and its actors with its channel
+
+
+@pytest.fixture
+def relayed():
+    with two_nodes() as (driver, there, endpoint, secret, relay, _):
+        yield driver, there, endpoint, secret, relay
 
 
 def test_a_relay_brings_its_nodes_slice_and_losses(relayed):
@@ -159,3 +175,62 @@ def test_an_actor_lost_behind_a_relay_ends_the_relays_connection(relayed):
     with pytest.raises(WorkerLost, match="relay at 127.0.0.1"):
         driver.gradient(np.zeros(SIZE), np.array([1]), None, 0.0, 10)
     assert joined([relay])
+
+
+# --- strangers ---------------------------------------------------------------------------
+
+
+def strangers(address, family: int) -> list[socket.socket]:
+    """Three connections that are not the run's: one that says nothing, one that sends a
+    length prefix of 2**62 (as if to make its reader allocate that much) and stays, one that
+    sends garbage and leaves."""
+    made = []
+    for payload, stays in ((b"", True), (struct.pack("<q", 2**62), True), (b"\xff" * 3, False)):
+        connection = socket.socket(family, socket.SOCK_STREAM)
+        connection.connect(address)
+        connection.sendall(payload)
+        if stays:
+            made.append(connection)
+        else:
+            connection.close()
+    return made
+
+
+def test_strangers_at_the_relays_port_cost_the_run_a_bounded_wait(monkeypatch):
+    """The relay reads a fixed 32-byte secret first, with a time limit: nothing a stranger
+    sends is a length it acts on, and the driver behind them gets through."""
+    monkeypatch.setattr(node_channel, "HELLO_TIMEOUT_S", 0.5)  # (10 s in a run)
+    with two_nodes(strangers_first=True) as (driver, _, endpoint, secret, _, arrived):
+        started = time.monotonic()
+        driver.add_host(HostLink(endpoint, secret, [PLACES[1]], 30, failed=lambda: False))
+        # at most one wait of HELLO_TIMEOUT_S per stranger that stays
+        assert time.monotonic() - started < 2 * node_channel.HELLO_TIMEOUT_S + 2
+        flat = np.arange(SIZE, dtype=np.float64)
+        grad, _, _ = driver.gradient(flat, np.array([1, 2]), None, 0.0, 10)
+        assert np.array_equal(grad, flat * 3)
+        for stranger in arrived:  # each turned away: its connection closed by the relay
+            stranger.settimeout(5)
+            assert stranger.recv(1) == b""
+
+
+def test_strangers_at_the_node_socket_are_turned_away(monkeypatch):
+    """A stranger on the actors' Unix socket (any local process can reach an abstract
+    address) gets a bounded wait and no place: the actors connect after it, and the steps
+    go on."""
+    monkeypatch.setattr(node_channel, "HELLO_TIMEOUT_S", 0.5)  # (10 s in a run)
+    channel = NodeChannel(SIZE, MAX_BATCH, [0, 1], ORDER)
+    arrived = strangers(channel.address, socket.AF_UNIX)
+    workers = start_actors(channel, [0, 1])
+    try:
+        channel.accept(timeout_s=30, failed=lambda: False)
+        flat = np.arange(SIZE, dtype=np.float64)
+        grad, _, _ = channel.gradient(flat, np.array([2]), None, 0.0, 10)
+        assert np.array_equal(grad, flat * 2)
+        for stranger in arrived:
+            stranger.settimeout(5)
+            assert stranger.recv(1) == b""
+    finally:
+        channel.close()
+        for stranger in arrived:
+            stranger.close()
+    assert joined(workers)
