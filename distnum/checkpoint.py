@@ -66,6 +66,7 @@ class Checkpoint:
     epochs: np.ndarray  # (E, 4): step, epoch, train_acc, test_acc
     # the optimizer's state vectors and its "iterations" (see distnum/optimizers.py)
     optimizer_state: dict[str, np.ndarray] = field(default_factory=dict)
+    out: str | None = None  # the run's folder (resolved) when it was written
 
 
 def directory(out: Path) -> Path:
@@ -198,6 +199,7 @@ class Checkpoints:
             "settings": checkpoint.settings,
             "data_sha256": checkpoint.data_sha256,
             "data_dir": checkpoint.data_dir,
+            "out": checkpoint.out,
             "fast_engine": FAST_ENGINE,
         }
         manifest["manifest_sha256"] = _digest(manifest)
@@ -278,8 +280,9 @@ def load(path: Path, step: int, check: Callable[[Checkpoint], None]) -> Checkpoi
         value = manifest.get(key)
         if not isinstance(value, kind) or isinstance(value, bool):
             raise damaged(f"its {key!r} is missing or not a {kind.__name__}")
-    if not isinstance(manifest.get("data_dir"), (str, type(None))):
-        raise damaged("its 'data_dir' is not a string")
+    for key in ("data_dir", "out"):
+        if not isinstance(manifest.get(key), (str, type(None))):
+            raise damaged(f"its {key!r} is not a string")
     if manifest["format"] != FORMAT:
         raise damaged(f"format {manifest['format']}, not {FORMAT}")
     if manifest["manifest_sha256"] != _digest(manifest):
@@ -333,6 +336,7 @@ def load(path: Path, step: int, check: Callable[[Checkpoint], None]) -> Checkpoi
                 epochs=arrays["epochs"],
                 optimizer_state={name.removeprefix(OPTIMIZER_PREFIX): arrays[name]
                                  for name in arrays.files if name.startswith(OPTIMIZER_PREFIX)},
+                out=manifest.get("out"),
             )  # fmt: skip
     except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as error:
         raise damaged(f"unreadable arrays in {data_path.name} ({error})") from None

@@ -368,6 +368,10 @@ class Run:
                 raise
             if note:
                 print(f"distnum: {note}", file=sys.stderr)
+            if self.saved.out is not None and Path(self.saved.out) != out.resolve():
+                print(f"distnum: the checkpoint in {out} was written by the run in "
+                      f"{self.saved.out} (copied or moved here); going on with that run, "
+                      f"here, from step {self.saved.step}", file=sys.stderr)  # fmt: skip
         elif self.folder.run_files():
             if self.whole_run() and not config.overwrite:
                 raise RunFolderError(
@@ -488,6 +492,7 @@ class Run:
                 self.batch_rng.bit_generator.state, self.settings(), self.data_sha256,
                 self.data_dir, np.array(self.metrics.losses), np.array(self.metrics.seconds),
                 np.array(self.metrics.epochs).reshape(-1, 4), self.optimizer.state(),
+                str(self.out.resolve()),
             ))  # fmt: skip
         self.last_checkpoint = f"step {self.step}"
 

@@ -26,13 +26,21 @@ CLUSTER = Path(__file__).resolve().parent.parent / "cluster"
 def pytest_sessionstart(session: pytest.Session) -> None:
     """Before any test (in pytest-xdist's controller, before its two processes start, or in
     the one process of `-n 0`): the kernels compiled into numba's cache by tests/warm_kernels.py,
-    two nets in two processes at once. A failure here is left for the tests to show."""
+    for each of the two copies of distnum the tests run, whose caches are their own: the
+    checkout's (`python -m pytest` puts it first on sys.path: the in-process tests, `python -m
+    distnum`) and the installed one (the `distnum` command); the same file when installed
+    with `pip install -e`. A failure here is left for the tests to show."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
         return
     script = Path(__file__).parent / "warm_kernels.py"
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
-    warming = [subprocess.Popen([sys.executable, str(script), net], **quiet)
-               for net in ("chapter", "deep")]  # fmt: skip
+    # run in the checkout, the script imports the checkout's distnum; as a file, with its
+    # own folder first on sys.path, the installed one
+    in_checkout = ["-c", f"import runpy; runpy.run_path({str(script)!r}, run_name='__main__')"]
+    warming = []
+    for net in ("chapter", "deep"):
+        for command, folder in ((in_checkout, session.config.rootpath), ([str(script)], None)):
+            warming.append(subprocess.Popen([sys.executable, *command, net], cwd=folder, **quiet))
     for process in warming:
         process.wait()
 

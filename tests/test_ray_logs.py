@@ -4,10 +4,14 @@ tests/test_notebook.py); DISTNUM_RAY_LOGS=1 shows them, and the check sees them.
 from __future__ import annotations
 
 import os
+import shlex
+import shutil
 import subprocess
 import sys
 
+import pytest
 from ray_log_lines import ray_log_lines
+from run_helpers import TINY
 
 # a user's session: distnum imported, their own ray.init(), a compiled graph, its teardown
 USER_SESSION = """
@@ -54,4 +58,23 @@ def test_a_command_line_run_prints_no_ray_log_line(mnist_dir, tmp_path):
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
     assert run.stdout.splitlines()[-1].startswith("done: 5 steps")
+    assert ray_log_lines(run.stdout + run.stderr) == []
+
+
+def test_a_small_dev_shm_prints_no_ray_log_line(tiny_mnist, tmp_path):
+    """In a mount namespace whose /dev/shm holds 2 MB, Ray puts its object store in /tmp and
+    warns; the run goes well (its own shared memory fits), so the warning is not shown."""
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("needs root and unshare, to mount a small /dev/shm for one process")
+    env = {key: value for key, value in os.environ.items() if key != "RAY_AUTH_MODE"}
+    train = shlex.join([sys.executable, "-m", "distnum", "train", "--iters", "12", "--workers",
+                        "2", "--data-dir", str(tiny_mnist), "--out", str(tmp_path / "run"),
+                        *TINY])  # fmt: skip
+    run = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+         f"mount -t tmpfs -o size=2m tmpfs /dev/shm && exec {train}"],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[-1].startswith("done: 12 steps")
     assert ray_log_lines(run.stdout + run.stderr) == []

@@ -110,6 +110,27 @@ def test_resume_without_iters_stops_at_the_runs_own(tiny_mnist, tmp_path):
     assert summary["params_sha256"] == reference_sha(tiny_mnist, tmp_path, 1000)
 
 
+def test_a_checkpoint_from_another_runs_folder_is_named_as_such(tiny_mnist, tmp_path, capsys):
+    """A folder holding only a checkpoint copied from another run's folder: --resume goes on
+    with that run, and says so in one line naming where it was written."""
+    first = tmp_path / "first"
+    local_run(tiny_mnist, first, 10, checkpoint_every=5)
+    copy = tmp_path / "copy"
+    checkpoints.directory(copy).mkdir(parents=True)
+    for path in checkpoints.directory(first).glob("step-0000005.*"):
+        shutil.copy(path, checkpoints.directory(copy) / path.name)
+    capsys.readouterr()
+    summary = local_run(tiny_mnist, copy, 10, resume=True)
+    assert capsys.readouterr().err.splitlines() == [
+        f"distnum: the checkpoint in {copy} was written by the run in {first.resolve()} "
+        "(copied or moved here); going on with that run, here, from step 5"
+    ]
+    assert summary["params_sha256"] == summary_of(first)["params_sha256"]
+    capsys.readouterr()
+    local_run(tiny_mnist, first, 12, resume=True)  # its own folder: nothing to say
+    assert capsys.readouterr().err == ""
+
+
 def test_resume_settings_are_all_or_nothing(tiny_mnist, tmp_path):
     out = tmp_path / "run"
     local_run(tiny_mnist, out, 6, lr=0.5)
