@@ -5,8 +5,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,26 +21,19 @@ from distnum.data import has_all_files, load_mnist
 CLUSTER = Path(__file__).resolve().parent.parent / "cluster"
 
 
-def pytest_sessionstart(session: pytest.Session) -> None:
-    """Before any test (in pytest-xdist's controller, before its two processes start, or in
-    the one process of `-n 0`): the kernels compiled into numba's cache by tests/warm_kernels.py,
-    for each of the two copies of distnum the tests run, whose caches are their own: the
-    checkout's (`python -m pytest` puts it first on sys.path: the in-process tests, `python -m
-    distnum`) and the installed one (the `distnum` command); the same file when installed
-    with `pip install -e`. A failure here is left for the tests to show."""
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        return
-    script = Path(__file__).parent / "warm_kernels.py"
-    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
-    # run in the checkout, the script imports the checkout's distnum; as a file, with its
-    # own folder first on sys.path, the installed one
-    in_checkout = ["-c", f"import runpy; runpy.run_path({str(script)!r}, run_name='__main__')"]
-    warming = []
-    for net in ("chapter", "deep"):
-        for command, folder in ((in_checkout, session.config.rootpath), ([str(script)], None)):
-            warming.append(subprocess.Popen([sys.executable, *command, net], cwd=folder, **quiet))
-    for process in warming:
-        process.wait()
+# the modules that take longest, first: pytest-xdist hands the two processes whole modules in
+# this order, so that they end at about the same time rather than one waiting on the other
+LONGEST_FIRST = ["test_run_life.py", "test_cluster.py", "test_faults.py", "test_notebook.py",
+                 "test_netns_cluster.py", "test_train_multilayer.py", "test_train.py",
+                 "test_cli_engines.py", "test_golden.py", "test_delta_form.py"]  # fmt: skip
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: a module's tests keep their order
 
 
 def real_mnist_dir() -> Path:

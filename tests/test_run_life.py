@@ -441,7 +441,10 @@ def test_a_damaged_manifest_falls_back_to_the_older_one(
     resumed = local_run(tiny_mnist, out, 20, resume=True)
     assert resumed["resumed_from_step"] == 10
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "skipped 1 newer" in err[0] and "step-0000012.json" in err[0], err
+    assert len(err) == 2 and "skipped 1 newer" in err[0] and "step-0000012.json" in err[0], err
+    # out is a copy of the fixture's run folder, which the second line names
+    copied = f"the checkpoint in {out} was written by the run in {two_checkpoints.resolve()}"
+    assert err[1].startswith(f"distnum: {copied} (copied or moved here)"), err
     assert resumed["params_sha256"] == reference_sha(tiny_mnist, tmp_path, 20)
 
 
