@@ -123,7 +123,7 @@ def test_a_link_down_for_two_seconds_mid_run_costs_the_run_nothing(cluster, tiny
     out = tmp_path / "job"
     job = subprocess.Popen(
         ["ip", "netns", "exec", head["namespace"], "ray", "job", "submit", "--address",
-         cluster["dashboard"], "--", "distnum", "train", "--address", "auto", "--iters", "600",
+         cluster["dashboard"], "--", "distnum", "train", "--address", "auto", "--iters", "3000",
          "--workers", "2", "--data-dir", str(tiny_mnist), "--out", str(out), "--quiet", *TINY],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "RAY_AUTH_MODE": "token"},
@@ -142,7 +142,7 @@ def test_a_link_down_for_two_seconds_mid_run_costs_the_run_nothing(cluster, tiny
     # the gap fell inside the run: one step waited through it
     steps = [json.loads(line) for line in metrics.read_text().splitlines() if '"loss"' in line]
     assert max(step["seconds"] for step in steps) > 1.5
-    assert summary["params_sha256"] == reference_sha(tiny_mnist, tmp_path, 600)
+    assert summary["params_sha256"] == reference_sha(tiny_mnist, tmp_path, 3000)
 
 
 def raylet_port(namespace: str) -> int:
