@@ -64,7 +64,7 @@ def nudged_loss_pairs(changes, moments, target, out):
     for q in range(out.size):
         d_plus = sigmoid_change(changes[0, q], changes[1, q], changes[2, q])
         d_minus = sigmoid_change(changes[0, q], changes[1, q], changes[3, q])
-        out[q] = loss_difference(d_plus, d_minus, moments, target[q])
+        out[q] = loss_difference(d_plus, d_minus, moments, target[q], True)
 
 
 def floor_seconds_per_nudged_loss(seed: int) -> float:

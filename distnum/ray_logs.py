@@ -8,9 +8,8 @@ compiled graph is torn down. In a notebook they land in the cell's output; on th
 line they come before the run's own lines. `ray.init()` sets the level of the `ray` logger
 itself (INFO unless told otherwise), so distnum raises the levels of the three module
 loggers that write those lines instead, and filters the /dev/shm warning out of a fourth:
-no `ray.init` resets them. It does so when distnum
-is imported, so that it holds for a `ray.init()` the user calls as well as for the one
-distnum calls.
+no `ray.init` resets them. It does so when distnum is imported, so that it holds for a
+`ray.init()` the user calls as well as for the one distnum calls.
 
 A real fault still shows: Ray raises it as an exception (which distnum reports in one line),
 and these loggers still pass their ERROR lines, the graph's and the worker's their WARNINGs.

@@ -373,15 +373,15 @@ class Run:
                       f"{self.saved.out} (copied or moved here); going on with that run, "
                       f"here, from step {self.saved.step}", file=sys.stderr)  # fmt: skip
         elif self.folder.run_files():
-            if self.whole_run() and not config.overwrite:
-                raise RunFolderError(
-                    f"{out} holds a run already; go on with it with {resume_hint(out)}"
-                    f", or start again there with {option('overwrite')}, or give another "
-                    f"{option('out')}"
-                )
-            if not config.overwrite:
-                print(f"distnum: {out} holds the start of a run that stopped before its first "
-                      "checkpoint; starting again there", file=sys.stderr)  # fmt: skip
+            if not config.overwrite:  # (with it, what is there goes unread)
+                if self.whole_run():
+                    raise RunFolderError(
+                        f"{out} holds a run already; go on with it with {resume_hint(out)}"
+                        f", or start again there with {option('overwrite')}, or give another "
+                        f"{option('out')}"
+                    )
+                print(f"distnum: {out} holds the start of a run that stopped before its "
+                      "first checkpoint; starting again there", file=sys.stderr)  # fmt: skip
             self.folder.remove_run()
         self.config = resolved(config, self.saved, out)
         self.last_checkpoint = f"step {self.saved.step}" if self.saved else "none yet"

@@ -16,6 +16,8 @@ import pytest
 # reads this when it is first imported (a Ray that ray.init starts sets it too)
 os.environ["RAY_AUTH_MODE"] = "token"
 
+from run_helpers import actor_processes
+
 from distnum.data import has_all_files, load_mnist
 
 CLUSTER = Path(__file__).resolve().parent.parent / "cluster"
@@ -132,14 +134,7 @@ def tests_ray_workers(tests_ray) -> Callable[[], list[psutil.Process]]:
     local_cluster = load_local_cluster()
 
     def processes() -> list[psutil.Process]:
-        found = []
-        for process in local_cluster.cluster_processes(tests_ray["session"]):
-            try:
-                command = process.cmdline()
-                if command and command[0].startswith("ray::GradientWorker"):
-                    found.append(process)
-            except psutil.NoSuchProcess:
-                pass
-        return found
+        return actor_processes(local_cluster.cluster_processes(tests_ray["session"]),
+                               "GradientWorker")  # fmt: skip
 
     return processes

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import psutil
@@ -52,6 +53,21 @@ def checkpoint_steps(out: Path) -> list[int]:
 
 def summary_of(out: Path) -> dict:
     return json.loads((out / "summary.json").read_text())
+
+
+def actor_processes(processes: Iterable[psutil.Process], actor: str) -> list[psutil.Process]:
+    """Those of processes that are Ray actors of the class named actor, which Ray titles
+    "ray::<actor>..." (not any process whose command line merely names it, such as a
+    `python -c` script)."""
+    found = []
+    for process in processes:
+        try:
+            command = process.cmdline()
+        except psutil.NoSuchProcess:
+            continue
+        if command and command[0].startswith(f"ray::{actor}"):
+            found.append(process)
+    return found
 
 
 def kill_leftovers(processes: list[psutil.Process]) -> None:

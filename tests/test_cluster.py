@@ -17,7 +17,14 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import CLUSTER, load_local_cluster
-from run_helpers import TINY, reference_sha, start_train, summary_of, wait_until
+from run_helpers import (
+    TINY,
+    actor_processes,
+    reference_sha,
+    start_train,
+    summary_of,
+    wait_until,
+)
 
 from distnum.cli import build_parser
 from distnum.training import train
@@ -170,10 +177,9 @@ def test_an_actor_or_the_relay_killed_on_the_other_node(cluster, victim, tiny_mn
     wait_until(lambda: metrics.exists() and metrics.read_text().count("test_acc") >= 3, 180, run)
     port = int(cluster["address"].rpartition(":")[2])
     processes = local_cluster.cluster_processes(cluster["session"], port)
-    (relay,) = [p for p in processes if any("HostRelay" in part for part in p.cmdline())]
+    (relay,) = actor_processes(processes, "HostRelay")
     if victim == "GradientWorker":  # the relay's neighbour: on the same node, under its raylet
-        (relay,) = [p for p in relay.parent().children()
-                    if any("GradientWorker" in part for part in p.cmdline())]  # fmt: skip
+        (relay,) = actor_processes(relay.parent().children(), "GradientWorker")
     relay.send_signal(signal.SIGKILL)
     _, stderr = run.communicate(timeout=300)
     assert run.returncode == 0, stderr

@@ -14,7 +14,7 @@ import failing_engine
 import numpy as np
 import psutil
 import pytest
-from run_helpers import assert_nothing_left, descendants
+from run_helpers import actor_processes, assert_nothing_left, descendants
 
 from distnum.distributed import ShardedGradient, WorkerFailed
 from distnum.engines import FastEngine
@@ -115,14 +115,7 @@ def test_full_engine_trains_the_same_way(ray_session, tiny_mnist, tmp_path):
 
 def gradient_workers() -> list[psutil.Process]:
     """The GradientWorker actors of this process's Ray (its descendants), alive."""
-    found = []
-    for process in psutil.Process().children(recursive=True):
-        try:
-            if any("GradientWorker" in part for part in process.cmdline()):
-                found.append(process)
-        except psutil.NoSuchProcess:
-            pass
-    return found
+    return actor_processes(psutil.Process().children(recursive=True), "GradientWorker")
 
 
 def test_worker_exception_ends_the_run_with_a_clear_error(ray_session, tiny_mnist, tmp_path):

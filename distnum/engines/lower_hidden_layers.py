@@ -19,7 +19,7 @@ import numba
 import numpy as np
 
 from distnum.engines.deltas import relu_change, sigmoid_change, sigmoid_change_by, unit_change
-from distnum.engines.last_hidden_layer import moment_series
+from distnum.engines.last_hidden_layer import loss_difference
 from distnum.engines.sample_values import add_differences, needed_values
 from distnum.engines.unnudged import moments_of
 from distnum.vecmath import (
@@ -86,15 +86,6 @@ def unit_changes(relu, tables, k, p, n, size, moved, out, row):
     else:
         for q in range(size):
             out[row, q] = sigmoid_change_by(a, s, sr, r, moved[q])
-
-
-@numba.njit(inline="always", **JIT)
-def linear_difference(d_plus, d_minus, moments, target):
-    """delta(+h) - delta(-h) where the logits move by d response (linear_response): the
-    loss by log1p(S) - d response[t], S by the moments."""
-    c = (moments[0], moments[1], moments[2], moments[3], moments[4], moments[5])
-    loss_plus = fma(-d_plus, target, log1p(moment_series(d_plus, c)))
-    return loss_plus - fma(-d_minus, target, log1p(moment_series(d_minus, c)))
 
 
 @numba.njit(inline="always", **JIT)
@@ -223,11 +214,13 @@ def loss_differences(
                     y = max(y, largest * abs(response[c]))
                 if y <= EXPM1_SERIES_MAX:  # (else: propagated below, unit by unit)
                     moments_of(probabilities[:, n], column, moment_column, power)
+                    # the logits move by d response: delta = log1p(S) - d response[t_n]
+                    c = (moments[0], moments[1], moments[2], moments[3], moments[4], moments[5])
                     target_response = response[labels[n]]
                     for q in range(size):
-                        difference[moving[block + q]] = linear_difference(
-                            change_plus[block + q], change_minus[block + q], moments,
-                            target_response)  # fmt: skip
+                        difference[moving[block + q]] = loss_difference(
+                            change_plus[block + q], change_minus[block + q], c,
+                            target_response, False)  # fmt: skip
                     block += size
                     continue
             for sign in (1.0, -1.0):
