@@ -203,6 +203,13 @@ def expm1(x: float) -> float:
     rounding of u."""
     if abs(x) <= SERIES_MAX:
         return expm1_series(x)
+    return _expm1_far(x)
+
+
+@numba.njit(**JIT)
+def _expm1_far(x: float) -> float:
+    """expm1 beyond its series (a large nudge): called, not inlined at each of expm1's many
+    call sites, where it would only add to numba's compile time."""
     if x > 709.0 or x < -38.0 or x != x:  # e**x - 1 is e**x, or -1, to the last bit
         return exp(x) - 1.0
     u = exp(x)
@@ -216,6 +223,12 @@ def log1p(y: float) -> float:
     cancels the rounding of u."""
     if abs(y) <= SERIES_MAX:
         return log1p_series(y)
+    return _log1p_far(y)
+
+
+@numba.njit(**JIT)
+def _log1p_far(y: float) -> float:
+    """log1p beyond its series: called, not inlined, as _expm1_far."""
     u = 1.0 + y
     if u == np.inf or y != y:
         return log(u)

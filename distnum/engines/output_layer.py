@@ -17,11 +17,16 @@ from distnum.vecmath import JIT, expm1, expm1_series, fma, log1p, log1p_series
 
 
 @numba.njit(inline="always", **JIT)
-def loss_change(p, is_target, u, short):
+def short_loss_change(p, is_target, u):
     """How far a sample's loss moves when logit c, whose softmax is p, moves by u:
-    log1p(p expm1(u)) - u [c == t], with the series alone where short says |u| is small."""
-    if short:
-        return fma(-is_target, u, log1p_series(p * expm1_series(u)))
+    log1p(p expm1(u)) - u [c == t], for |u| within the series' domain (the series alone)."""
+    return fma(-is_target, u, log1p_series(p * expm1_series(u)))
+
+
+@numba.njit(**JIT)
+def loss_change(p, is_target, u):
+    """The same for any u. A call, not inlined: only a large h takes it, and inlining
+    expm1 and log1p here would add seconds to every fresh compile."""
     return fma(-is_target, u, log1p(p * expm1(u)))
 
 
@@ -35,7 +40,9 @@ def loss_differences(req_unit, req_class, z, probabilities, labels, h, short, ou
     hidden_size = z.shape[1]
     # by column, so that the per-sample loops below are contiguous
     inputs = np.ones((hidden_size + 1, batch_size))  # row H: b_{L+1}'s input
-    inputs[:hidden_size] = z.T
+    for j in range(hidden_size):
+        for n in range(batch_size):
+            inputs[j, n] = z[n, j]
     p = np.ascontiguousarray(probabilities.T)
     is_target = np.zeros((num_classes, batch_size))
     for n in range(batch_size):
@@ -47,13 +54,13 @@ def loss_differences(req_unit, req_class, z, probabilities, labels, h, short, ou
         if short:
             for n in range(batch_size):
                 u = h * z_j[n]
-                difference[n] = (loss_change(p_c[n], own[n], u, True)
-                                 - loss_change(p_c[n], own[n], -u, True))  # fmt: skip
+                difference[n] = (short_loss_change(p_c[n], own[n], u)
+                                 - short_loss_change(p_c[n], own[n], -u))  # fmt: skip
         else:
             for n in range(batch_size):
                 u = h * z_j[n]
-                difference[n] = (loss_change(p_c[n], own[n], u, False)
-                                 - loss_change(p_c[n], own[n], -u, False))  # fmt: skip
+                difference[n] = (loss_change(p_c[n], own[n], u)
+                                 - loss_change(p_c[n], own[n], -u))  # fmt: skip
         total = 0.0
         for n in range(batch_size):
             total += difference[n]

@@ -78,7 +78,8 @@ def _input_entries(x):
             slot_value_id[used_slots[u]] = -1
     # entries ordered by pixel, then sample (a counting sort, stable in sample order)
     pixel_start = np.zeros(input_size + 2, dtype=np.int64)
-    pixel_start[1:] = np.cumsum(pixel_count)
+    for i in range(input_size + 1):
+        pixel_start[i + 1] = pixel_start[i] + pixel_count[i]
     fill = pixel_start[:-1].copy()
     value_id = np.empty(e, dtype=np.int64)
     for q in range(e):
