@@ -34,8 +34,10 @@ import numpy as np
 
 FORMAT = 2
 # the fast engine's arithmetic, whose bits a resumed run must go on with: 2 is the delta form
-# (distnum 0.2); a checkpoint without it was computed by the earlier fast engine (distnum 0.1)
-FAST_ENGINE = 2
+# (distnum 0.2), 3 the same with the first hidden layer's pre-activations exact at ReLU's
+# kinks (distnum 0.3: the bits of 2 for a sigmoid net); a checkpoint without it was computed
+# by the earlier fast engine (distnum 0.1)
+FAST_ENGINE = 3
 OPTIMIZER_PREFIX = "optimizer_"  # the optimizer's arrays in the .npz, by their state names
 KEEP = 2  # the newest checkpoints of a run kept; older ones go once a newer one is whole
 MANIFEST_NAME = re.compile(r"step-(\d{7,})\.json")
@@ -98,6 +100,23 @@ def fsync_directory(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def check_fast_engine(path: Path, manifest: dict) -> None:
+    """A fast-engine run goes on only with the arithmetic it was computed with."""
+    settings, version = manifest["settings"], manifest.get("fast_engine")
+    if settings.get("engine") != "fast" or version == FAST_ENGINE:
+        return
+    if version == 2 and settings.get("activation") != "relu":
+        return  # (a sigmoid net's bits are those of version 2)
+    before = ("0.2, before it made ReLU's kinks in the first hidden layer exact" if version == 2
+              else "0.1, before its delta form")  # fmt: skip
+    release = "0.2" if version == 2 else "0.1"
+    raise CheckpointError(
+        f"{path}: its run's gradients come from the fast engine of distnum {before}; going on "
+        f"now would mix two engines' bits: finish the run with distnum {release}, or start it "
+        "again with --overwrite"
+    )
 
 
 def _digest(manifest: dict) -> str:
@@ -287,12 +306,7 @@ def load(path: Path, step: int, check: Callable[[Checkpoint], None]) -> Checkpoi
         raise damaged(f"format {manifest['format']}, not {FORMAT}")
     if manifest["manifest_sha256"] != _digest(manifest):
         raise damaged("the manifest's checksum does not match its content (changed)")
-    if manifest["settings"].get("engine") == "fast" and manifest.get("fast_engine") != FAST_ENGINE:
-        raise CheckpointError(
-            f"{path}: its run's gradients come from the fast engine of distnum 0.1, before "
-            "its delta form; going on now would mix two engines' bits: finish the run with "
-            "distnum 0.1, or start it again with --overwrite"
-        )
+    check_fast_engine(path, manifest)
     # a checkpoint written before the optimizers: its run used the chapter's plain SGD, whose
     # only state is the count of its updates, one per step
     before_optimizers = "optimizer" not in manifest["settings"]

@@ -69,10 +69,11 @@ def compare(
 
 class Truth(NamedTuple):
     """exact_central_differences' answer: the differences (R,), and for each whether its
-    nudge moves a ReLU unit across its kink on some sample (R,) bool. There the nudged loss
-    depends on the unit's pre-activation itself, which a float64 forward pass knows only
-    to about 1e-16 (absolute): the float64 engines may then be that far divided by 2h (and
-    the batch size) from the truth."""
+    nudge moves a ReLU unit above the first hidden layer across its kink on some sample (R,)
+    bool. There the nudged loss depends on the unit's pre-activation itself, which a float64
+    forward pass knows only to about 1e-16 (absolute): the float64 engines may then be that
+    far divided by 2h (and the batch size) from the truth. (In the first hidden layer the
+    fast engine recomputes such pre-activations exact: engines/unnudged.exact_near_kinks.)"""
 
     differences: np.ndarray
     crosses_kink: np.ndarray
@@ -131,7 +132,8 @@ def exact_central_differences(
                     change = activate(pre[k][j] + d) - inputs[k + 1][j]
                     if change != 0:
                         changes[j] = change
-                    crossed[0] |= relu and (pre[k][j] > 0) != (pre[k][j] + d > 0)
+                    # (the first layer's crossings the fast engine takes exactly: exact_near_kinks)
+                    crossed[0] |= relu and k > 0 and (pre[k][j] > 0) != (pre[k][j] + d > 0)
                 W = weights[k + 1]
                 moved = {p: mpmath.fsum(c * W[j][p] for j, c in changes.items())
                          for p in range(sizes[k + 2])}  # fmt: skip

@@ -10,8 +10,9 @@ import pytest
 
 from distnum.engines import FastEngine, FullEngine
 from distnum.engines.deltas import relu_change, sigmoid_change, sigmoid_change_by
+from distnum.engines.unnudged import exact_near_kinks
 from distnum.gradcheck import exact_central_differences, train_with_backprop
-from distnum.models import MultiLayerNet, TwoLayerNet, batch_loss, checked_batch
+from distnum.models import MultiLayerNet, TwoLayerNet, batch_loss, checked_batch, forward
 from distnum.vecmath import (
     DEGREE,
     EXPM1_SERIES_MAX,
@@ -134,6 +135,31 @@ def test_a_relu_units_change_by_its_cases():
     np.testing.assert_array_equal(relu_changes(a, d), expected)
 
 
+def test_first_layer_pre_activations_a_nudge_may_carry_across_the_kink_are_exact(mnist):
+    """exact_near_kinks: each a_1 within the reach of a nudge of W1 or b1 (h max|x|) is
+    recomputed to within an ulp of x W1 + b1 evaluated to 50 digits; the others keep the
+    forward pass's bits."""
+    (x_train, _), _ = mnist
+    net = MultiLayerNet(784, [100, 100], 10, "relu", "relu", seed=0)
+    params = net.layout.views(net.flat_params)
+    x = x_train[np.random.default_rng(2016).choice(len(x_train), 10)]
+    a = forward(net.layout, params, x).pre[0]
+    h = 1e-4
+    out = exact_near_kinks(a, x, params["W1"], params["b1"], h)
+    reach = h * np.maximum(1.0, np.abs(x).max(axis=1))[:, None]
+    near = np.abs(a) <= reach
+    assert near.sum() >= 1, "the batch has a unit within a nudge of its kink"
+    moved = out != a
+    assert not (moved & ~near & (np.abs(a) > 2 * reach)).any()  # far ones keep their bits
+    W1, b1 = params["W1"], params["b1"]
+    with mpmath.workdps(50):
+        for n, j in zip(*np.nonzero(near | moved), strict=True):
+            terms = zip(x[n], W1[:, j], strict=True)
+            exact_a = float(mpmath.fsum(mpmath.mpf(float(v)) * float(w) for v, w in terms) + b1[j])
+            assert abs(out[n, j] - exact_a) <= np.spacing(abs(exact_a))
+            assert abs(out[n, j] - exact_a) <= abs(a[n, j] - exact_a)  # never farther
+
+
 # --- the fast engine against the truth ----------------------------------------------------
 
 NETS = {
@@ -178,8 +204,9 @@ def test_fast_is_within_1e_15_of_the_50_digit_truth_and_near_the_literal(net_and
     if h == 1e-4 or layout.describe() == "784-50-10 sigmoid":  # (the others' truth takes long)
         truth, kink = exact_central_differences(layout, net.flat_params, x, labels, h, indices)
         assert np.max(np.abs(fast - truth)[~kink]) <= 1e-15
-        # across a ReLU kink the nudged loss depends on a pre-activation, which the float64
-        # forward pass knows to about 1e-16: off by up to that over 2h and the batch size
+        # across a ReLU kink above the first hidden layer the nudged loss depends on a
+        # pre-activation of rounded inputs, known to about 1e-16: off by up to that over 2h
+        # and the batch size (the first layer's the fast engine recomputes exact)
         assert np.max(np.abs(fast - truth)[kink], initial=0.0) <= 1e-16 * 30 / (2 * h * len(x))
         # the literal algorithm subtracts two losses L(theta +- h e_k) that agree in all but
         # their last digits: off by about eps L / h

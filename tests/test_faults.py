@@ -118,6 +118,33 @@ def test_a_checkpoint_of_the_earlier_fast_engine_is_refused_by_name(engine, tiny
     assert {p.name: p.read_bytes() for p in checkpoints.directory(out).iterdir()} == before
 
 
+@pytest.mark.parametrize("activation", ["relu", "sigmoid"])
+def test_a_relu_checkpoint_of_distnum_0_2_is_refused_by_name(activation, tiny_mnist, tmp_path):
+    """distnum 0.3 made the first hidden layer's pre-activations exact at ReLU's kinks: a
+    ReLU run checkpointed by 0.2 (fast_engine 2) would go on with other bits, so it is
+    refused with what to do; a sigmoid one (the same bits in 0.2) goes on to the digest of
+    one go."""
+    out = tmp_path / "run"
+    options = dict(batch_size=10, hidden=8, local=True, quiet=True, activation=activation,
+                   data_dir=str(tiny_mnist))  # fmt: skip
+    train(iters=12, checkpoint_every=5, out=str(out), **options)
+    for manifest in checkpoints.directory(out).glob("*.json"):
+        rewrite_manifest(manifest, lambda m: m.update(fast_engine=2))
+    before = {p.name: p.read_bytes() for p in checkpoints.directory(out).iterdir()}
+    resume = start_train("--resume", str(out), "--iters", "20", "--local", "--quiet")
+    _, stderr = resume.communicate(timeout=120)
+    if activation == "sigmoid":
+        assert resume.returncode == 0, stderr
+        one_go = train(iters=20, out=str(tmp_path / "one-go"), **options)
+        assert summary_of(out)["params_sha256"] == one_go["params_sha256"]
+        return
+    assert resume.returncode == 2, stderr
+    (line,) = stderr.splitlines()
+    assert "fast engine of distnum 0.2, before it made ReLU's kinks" in line
+    assert "finish the run with distnum 0.2, or start it again with --overwrite" in line
+    assert {p.name: p.read_bytes() for p in checkpoints.directory(out).iterdir()} == before
+
+
 # --- processes killed ------------------------------------------------------------------------
 
 

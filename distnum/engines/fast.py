@@ -121,7 +121,7 @@ class FastEngine(ShardEngine):
         layout = self.layout
         params = layout.views(checked_params(flat))
         x, labels = checked_batch(layout, x, labels)
-        base = unnudged(layout, params, x, labels)  # what every nudge starts from
+        base = unnudged(layout, params, x, labels, h)  # what every nudge starts from
         sums = np.zeros(self.size)
         if self.hidden:
             self.lower_layers(params, base, h, sums)
