@@ -510,6 +510,13 @@ class Run:
             f"{resume_hint(self.out)}"
         )
 
+    def interrupted(self, how: str) -> Interrupted:
+        """A stop that could not wait for a checkpoint: how, where, and how to go on."""
+        return Interrupted(
+            f"{how} at step {self.step} of {self.config.iters}; last checkpoint: "
+            f"{self.last_checkpoint}, in {self.out}; go on with {resume_hint(self.out)}"
+        )
+
     def evaluate(self) -> tuple[float, float]:
         net = self.net
         return net.accuracy(self.x_train, self.t_train), net.accuracy(self.x_test, self.t_test)
@@ -682,11 +689,7 @@ def train(config: TrainConfig | None = None, **options) -> dict:
             except KeyboardInterrupt as interrupt:  # a second signal, while finish ended
                 if isinstance(interrupt, Interrupted):
                     raise
-                raise Interrupted(
-                    f"stopped by a second signal at step {run.step} of {run.config.iters}; "
-                    f"last checkpoint: {run.last_checkpoint}, in {run.out}; go on with "
-                    f"{resume_hint(run.out)}"
-                ) from None
+                raise run.interrupted("stopped by a second signal") from None
             finally:
                 run.close()
         finally:
@@ -747,10 +750,7 @@ def finish(run: Run) -> dict:
     except KeyboardInterrupt as interrupt:  # a second signal, or Ctrl-C outside our handler
         if isinstance(interrupt, Interrupted):
             raise
-        raise Interrupted(
-            f"interrupted at step {run.step} of {config.iters}; last checkpoint: "
-            f"{run.last_checkpoint}, in {run.out}; go on with {resume_hint(run.out)}"
-        ) from None
+        raise run.interrupted("interrupted") from None
     finally:
         if progress is not None:
             progress.close()
