@@ -93,55 +93,51 @@ def test_a_damaged_newest_checkpoint_is_skipped(tiny_mnist, tmp_path, capsys):
     assert resumed["params_sha256"] == reference_sha(tiny_mnist, tmp_path, 20)
 
 
-@pytest.mark.parametrize("engine", ["fast", "backprop"])
-def test_a_checkpoint_of_the_earlier_fast_engine_is_refused_by_name(engine, tiny_mnist, tmp_path):
-    """Checkpoints written before the delta form (distnum 0.1) lack its mark: a fast-engine
-    run would go on with other bits than a run done in one go, so it is refused with what
-    to do; a run of another engine (the same arithmetic as before) goes on."""
+def drop_mark(manifest: dict) -> None:
+    manifest.pop("fast_engine")
+
+
+def mark_0_2(manifest: dict) -> None:
+    manifest["fast_engine"] = 2
+
+
+# which earlier fast engine wrote a checkpoint (its mark), the run's settings, and the line
+# that refuses it, or None for a run whose bits that engine did not change (it goes on)
+EARLIER_ENGINES = {
+    "0.1 fast": (drop_mark, {"engine": "fast"},
+                 "fast engine of distnum 0.1, before its delta form"),
+    "0.1 backprop": (drop_mark, {"engine": "backprop"}, None),
+    "0.2 relu": (mark_0_2, {"activation": "relu"},
+                 "fast engine of distnum 0.2, before it made ReLU's kinks"),
+    "0.2 sigmoid": (mark_0_2, {"activation": "sigmoid"}, None),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", EARLIER_ENGINES)
+def test_a_checkpoint_of_an_earlier_fast_engine_is_refused_by_name(case, tiny_mnist, tmp_path):
+    """A checkpoint of distnum 0.1 lacks the fast engine's mark; one of 0.2 has mark 2, before
+    the first layer's ReLU kinks were exact (0.3). A run whose bits that engine computed
+    otherwise would go on with other bits than a run done in one go, so it is refused with
+    what to do; the others (backprop, a sigmoid net in 0.2) go on to the bits of one go."""
+    mark, settings, refusal = EARLIER_ENGINES[case]
     out = tmp_path / "run"
     train(iters=12, checkpoint_every=5, batch_size=10, hidden=8, local=True, quiet=True,
-          engine=engine, data_dir=str(tiny_mnist), out=str(out))  # fmt: skip
+          data_dir=str(tiny_mnist), out=str(out), **settings)  # fmt: skip
     for manifest in checkpoints.directory(out).glob("*.json"):
-        rewrite_manifest(manifest, lambda m: m.pop("fast_engine"))
+        rewrite_manifest(manifest, mark)
     before = {p.name: p.read_bytes() for p in checkpoints.directory(out).iterdir()}
     resume = start_train("--resume", str(out), "--iters", "20", "--local", "--quiet")
     _, stderr = resume.communicate(timeout=120)
-    if engine == "backprop":
+    if refusal is None:
         assert resume.returncode == 0, stderr
         assert summary_of(out)["params_sha256"] == reference_sha(tiny_mnist, tmp_path, 20,
-                                                                engine="backprop")  # fmt: skip
+                                                                **settings)  # fmt: skip
         return
     assert resume.returncode == 2, stderr
     (line,) = stderr.splitlines()
-    assert "fast engine of distnum 0.1, before its delta form" in line
-    assert "finish the run with distnum 0.1, or start it again with --overwrite" in line
-    assert {p.name: p.read_bytes() for p in checkpoints.directory(out).iterdir()} == before
-
-
-@pytest.mark.parametrize("activation", ["relu", "sigmoid"])
-def test_a_relu_checkpoint_of_distnum_0_2_is_refused_by_name(activation, tiny_mnist, tmp_path):
-    """distnum 0.3 made the first hidden layer's pre-activations exact at ReLU's kinks: a
-    ReLU run checkpointed by 0.2 (fast_engine 2) would go on with other bits, so it is
-    refused with what to do; a sigmoid one (the same bits in 0.2) goes on to the digest of
-    one go."""
-    out = tmp_path / "run"
-    options = dict(batch_size=10, hidden=8, local=True, quiet=True, activation=activation,
-                   data_dir=str(tiny_mnist))  # fmt: skip
-    train(iters=12, checkpoint_every=5, out=str(out), **options)
-    for manifest in checkpoints.directory(out).glob("*.json"):
-        rewrite_manifest(manifest, lambda m: m.update(fast_engine=2))
-    before = {p.name: p.read_bytes() for p in checkpoints.directory(out).iterdir()}
-    resume = start_train("--resume", str(out), "--iters", "20", "--local", "--quiet")
-    _, stderr = resume.communicate(timeout=120)
-    if activation == "sigmoid":
-        assert resume.returncode == 0, stderr
-        one_go = train(iters=20, out=str(tmp_path / "one-go"), **options)
-        assert summary_of(out)["params_sha256"] == one_go["params_sha256"]
-        return
-    assert resume.returncode == 2, stderr
-    (line,) = stderr.splitlines()
-    assert "fast engine of distnum 0.2, before it made ReLU's kinks" in line
-    assert "finish the run with distnum 0.2, or start it again with --overwrite" in line
+    release = case.split()[0]
+    assert refusal in line
+    assert f"finish the run with distnum {release}, or start it again with --overwrite" in line
     assert {p.name: p.read_bytes() for p in checkpoints.directory(out).iterdir()} == before
 
 
