@@ -49,6 +49,7 @@ T = TypeVar("T")
 MIN_WAIT_S = 10.0  # the least a step is waited for before the actors are checked
 CONNECT_TIMEOUT_S = 120.0  # for every actor to connect, numba's compilations done
 OOM_WAIT_S = 10.0  # after Ray's memory monitor killed an actor, before starting another
+START_TIMEOUT_S = 300.0  # for every actor to start (placed, kernels compiled), then none can
 # a GradientWorker actor's resident memory beyond its parameters, measured with a 784-50-10
 # net on MNIST: the interpreter, numpy, numba and its compiled kernels, Ray's worker
 ACTOR_BASE_BYTES = 135 * 2**20
@@ -56,6 +57,11 @@ ACTOR_BASE_BYTES = 135 * 2**20
 
 class WorkerFailed(RuntimeError):
     """A worker actor raised an exception or died; the message says which and why."""
+
+
+class DiedStarting(WorkerFailed):
+    """A worker actor died before it was ready: at the run's start the run fails; replacing
+    one that died, it is one more restart (placed, say, on a node that was going down)."""
 
 
 def shard_slice(engine, size: int, flat: np.ndarray, x: np.ndarray, labels: np.ndarray,
@@ -262,13 +268,18 @@ class ShardedGradient:
         )
 
     def wait_ready(self) -> None:
-        """Wait until every actor has its kernels loaded; count the actors on each node."""
+        """Wait until every actor has its kernels loaded, START_TIMEOUT_S at most (an actor
+        the cluster has no room for never starts); count the actors on each node."""
         try:
-            nodes = ray.get([worker.ready.remote() for worker in self.workers])
+            nodes = ray.get([worker.ready.remote() for worker in self.workers],
+                            timeout=START_TIMEOUT_S)  # fmt: skip
+        except ray.exceptions.GetTimeoutError:
+            raise WorkerFailed(f"a worker actor did not start in {START_TIMEOUT_S:.0f} s: the "
+                               "cluster has no node that can take it") from None  # fmt: skip
         except ray.exceptions.RayTaskError as error:
             raise worker_failed(error) from None
         except ray.exceptions.RayActorError as error:
-            raise WorkerFailed(f"a worker actor died while starting: {first_line(error)}"
+            raise DiedStarting(f"a worker actor died while starting: {first_line(error)}"
                                ) from None  # fmt: skip
         except ray.exceptions.RayError as error:  # such as Ray's memory monitor's kill
             raise WorkerFailed(f"a worker actor could not start: {type(error).__name__}: "
@@ -422,8 +433,9 @@ class ShardedGradient:
     def recover(self, error: Exception) -> None:
         """After a failed or unanswered step: replace the actors that died, or, when all are
         alive (the step was only slower than the limit), wait longer next time; then
-        connect them again, so that the step can be redone. Connecting again can fail too
-        (an actor dies meanwhile): that counts as a restart, and all is done once more."""
+        connect them again, so that the step can be redone. Starting and connecting again
+        can fail too (an actor dies meanwhile, or a replacement placed on a node going
+        down): that counts as a restart, and all is done once more."""
         reconnecting = False
         if isinstance(error, ray.exceptions.OutOfMemoryError):  # the node is short of memory
             print(f"distnum: Ray's memory monitor killed a worker actor ({first_line(error)}); "
@@ -438,15 +450,37 @@ class ShardedGradient:
                 self.count_restart(error)
             else:
                 self.patience *= 4
+            alive_nodes = [node for k, node in enumerate(self.nodes) if k not in dead]
             for k in dead:
                 ray.kill(self.workers[k])
+                self.fit_placement(k, alive_nodes)
                 self.workers[k] = self.new_worker(k)
-            self.wait_ready()
             try:
+                self.wait_ready()
                 self.connect_workers()
                 return
-            except (ray.exceptions.RayError, WorkerLost, TimeoutError) as again:
+            except (ray.exceptions.RayError, WorkerLost, TimeoutError, DiedStarting) as again:
                 error, reconnecting = again, True
+
+    def fit_placement(self, k: int, alive_nodes: list[str]) -> None:
+        """Worker k's placement, for its replacement, when the cluster has fewer CPUs free
+        than it held (its node lost, most likely): what is free, on the node of the fewest
+        actors that still answer (not on a node going down that Ray has not yet marked
+        dead), so that a lost node's actors share the cores of the nodes that remain (any
+        sharding and placement gives the same bits), rather than wait for CPUs that are
+        gone."""
+        free = max(ray.available_resources().get("CPU", 0.0), 0.0)
+        placement = self.placements[k]
+        if placement["num_cpus"] <= free:
+            return
+        placement = {**placement, "num_cpus": free}
+        if alive_nodes:
+            counts = collections.Counter(alive_nodes)
+            node = min(counts, key=lambda n: (counts[n], n))
+            placement["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=True)
+        self.placements[k] = placement
+        print(f"distnum: worker actor {k} starts again with {free:g} of a CPU, all the "
+              "cluster has free (a node lost?)", file=sys.stderr, flush=True)  # fmt: skip
 
     def count_restart(self, error: Exception) -> None:
         self.restarts += 1

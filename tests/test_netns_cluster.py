@@ -1,6 +1,7 @@
 """A Ray cluster of two hosts, each in its own network namespace (cluster/local_cluster.py
 start --netns): a job submitted from the head's namespace runs on both hosts and gives the
-bits of one machine, and a link down for 2 s mid-run costs it nothing; the hosts have their
+bits of one machine, a link down for 2 s mid-run costs it nothing, and the worker host lost
+mid-run costs it only its actor, replaced on the head; the hosts have their
 own addresses, reach each other over the bridge, and their links carry the rate limit. Needs
 root; skipped where network namespaces cannot be made."""
 
@@ -11,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -183,3 +185,37 @@ def test_each_link_is_rate_limited_at_both_ends(cluster):
                                 (network["switch"], host["switch_link"])):  # fmt: skip
             shown = output(["tc", "-n", namespace, "qdisc", "show", "dev", link])
             assert re.search(r"qdisc tbf .* rate 1Gbit burst 262\d*b", shown), shown
+
+
+# last in the module: the cluster's worker host does not come back
+def test_the_worker_host_lost_mid_run_its_actor_replaced_on_the_head(cluster, tiny_mnist,
+                                                                     tmp_path):  # fmt: skip
+    """Every process of the worker host SIGKILLed at once (its raylet, its actor, its relay)
+    while a job runs on both hosts: the run replaces the lost actor on the head, sharing
+    the head's CPU, says so, and ends with exit 0 and the bits of one process."""
+    network = cluster["netns"]
+    head, worker = network["hosts"]
+    out = tmp_path / "job"
+    job = subprocess.Popen(
+        ["ip", "netns", "exec", head["namespace"], "ray", "job", "submit", "--address",
+         cluster["dashboard"], "--", "distnum", "train", "--address", "auto", "--iters", "1500",
+         "--workers", "2", "--data-dir", str(tiny_mnist), "--out", str(out), "--quiet", *TINY],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "RAY_AUTH_MODE": "token"},
+    )  # fmt: skip
+    metrics = out / "metrics.jsonl"
+    wait_until(lambda: metrics.exists() and metrics.read_text().count("test_acc") >= 3, 180, job)
+    host_processes = output(["ip", "netns", "pids", worker["namespace"]]).split()
+    assert host_processes
+    for pid in host_processes:
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    stdout, stderr = job.communicate(timeout=300)
+    assert job.returncode == 0 and "succeeded" in stdout, stdout + stderr
+    assert "starts again with 0 of a CPU, all the cluster has free" in stdout + stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["worker_restarts"] >= 1
+    assert list(summary["actors_per_node"].values()) == [2]  # both on the head now
+    assert summary["params_sha256"] == reference_sha(tiny_mnist, tmp_path, 1500)
