@@ -50,6 +50,7 @@ MIN_WAIT_S = 10.0  # the least a step is waited for before the actors are checke
 CONNECT_TIMEOUT_S = 120.0  # for every actor to connect, numba's compilations done
 OOM_WAIT_S = 10.0  # after Ray's memory monitor killed an actor, before starting another
 START_TIMEOUT_S = 300.0  # for every actor to start (placed, kernels compiled), then none can
+FREED_WAIT_S = 10.0  # for Ray to free a dead actor's CPUs, else its node is taken as lost
 # a GradientWorker actor's resident memory beyond its parameters, measured with a 784-50-10
 # net on MNIST: the interpreter, numpy, numba and its compiled kernels, Ray's worker
 ACTOR_BASE_BYTES = 135 * 2**20
@@ -464,15 +465,20 @@ class ShardedGradient:
 
     def fit_placement(self, k: int, alive_nodes: list[str]) -> None:
         """Worker k's placement, for its replacement, when the cluster has fewer CPUs free
-        than it held (its node lost, most likely): what is free, on the node of the fewest
-        actors that still answer (not on a node going down that Ray has not yet marked
-        dead), so that a lost node's actors share the cores of the nodes that remain (any
-        sharding and placement gives the same bits), rather than wait for CPUs that are
-        gone."""
-        free = max(ray.available_resources().get("CPU", 0.0), 0.0)
+        than it held, FREED_WAIT_S after it died (its node lost, most likely): what is free,
+        on the node of the fewest actors that still answer (not on a node going down that
+        Ray has not yet marked dead), so that a lost node's actors share the cores of the
+        nodes that remain (any sharding and placement gives the same bits), rather than
+        wait for CPUs that are gone."""
         placement = self.placements[k]
-        if placement["num_cpus"] <= free:
-            return
+        deadline = time.monotonic() + FREED_WAIT_S
+        while True:
+            free = max(ray.available_resources().get("CPU", 0.0), 0.0)
+            if placement["num_cpus"] <= free:
+                return
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
         placement = {**placement, "num_cpus": free}
         if alive_nodes:
             counts = collections.Counter(alive_nodes)

@@ -18,9 +18,10 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from conftest import load_local_cluster
-from run_helpers import TINY, reference_sha, wait_until
+from run_helpers import TINY, actor_processes, reference_sha, wait_until
 
 from distnum.training import train
 
@@ -100,6 +101,41 @@ def submit_from_head(info: dict, entrypoint: list[str], timeout_s: float = 120):
         time.sleep(2)
 
 
+def processes_in(namespace: str) -> list[psutil.Process]:
+    """The processes of a host: those in its network namespace."""
+    found = []
+    for pid in output(["ip", "netns", "pids", namespace]).split():
+        try:
+            found.append(psutil.Process(int(pid)))
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+def job_under_way(cluster: dict, data: Path, out: Path, iters: int) -> subprocess.Popen:
+    """`distnum train` on both hosts (TINY), a job submitted from the head's namespace, once
+    it is at its third epoch."""
+    head = cluster["netns"]["hosts"][0]
+    job = subprocess.Popen(
+        ["ip", "netns", "exec", head["namespace"], "ray", "job", "submit", "--address",
+         cluster["dashboard"], "--", "distnum", "train", "--address", "auto", "--iters",
+         str(iters), "--workers", "2", "--data-dir", str(data), "--out", str(out), "--quiet",
+         *TINY],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "RAY_AUTH_MODE": "token"},
+    )  # fmt: skip
+    metrics = out / "metrics.jsonl"
+    wait_until(lambda: metrics.exists() and metrics.read_text().count("test_acc") >= 3, 180, job)
+    return job
+
+
+def job_succeeded(job: subprocess.Popen, out: Path) -> tuple[dict, str]:
+    """The job's summary.json and its output, once it has ended with success."""
+    stdout, stderr = job.communicate(timeout=300)
+    assert job.returncode == 0 and "succeeded" in stdout, stdout + stderr
+    return json.loads((out / "summary.json").read_text()), stdout + stderr
+
+
 def test_job_from_the_head_namespace_runs_on_both_hosts_with_the_bits_of_one(
     cluster, mnist_dir, tmp_path
 ):
@@ -121,28 +157,19 @@ def test_a_link_down_for_two_seconds_mid_run_costs_the_run_nothing(cluster, tiny
     while a job runs on both hosts: TCP carries the step across the gap, and the run ends
     with no actor replaced and the bits of one process."""
     network = cluster["netns"]
-    head, worker = network["hosts"]
+    worker = network["hosts"][1]
     out = tmp_path / "job"
-    job = subprocess.Popen(
-        ["ip", "netns", "exec", head["namespace"], "ray", "job", "submit", "--address",
-         cluster["dashboard"], "--", "distnum", "train", "--address", "auto", "--iters", "3000",
-         "--workers", "2", "--data-dir", str(tiny_mnist), "--out", str(out), "--quiet", *TINY],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "RAY_AUTH_MODE": "token"},
-    )  # fmt: skip
-    metrics = out / "metrics.jsonl"
-    wait_until(lambda: metrics.exists() and metrics.read_text().count("test_acc") >= 3, 180, job)
+    job = job_under_way(cluster, tiny_mnist, out, 3000)
     cable = ["ip", "-n", network["switch"], "link", "set", worker["switch_link"]]
     subprocess.run([*cable, "down"], check=True)
     time.sleep(2)
     subprocess.run([*cable, "up"], check=True)
-    stdout, stderr = job.communicate(timeout=300)
-    assert job.returncode == 0 and "succeeded" in stdout, stdout + stderr
-    summary = json.loads((out / "summary.json").read_text())
+    summary, _ = job_succeeded(job, out)
     assert summary["worker_restarts"] == 0
     assert sorted(summary["actors_per_node"].values()) == [1, 1]
     # the gap fell inside the run: one step waited through it
-    steps = [json.loads(line) for line in metrics.read_text().splitlines() if '"loss"' in line]
+    metrics = (out / "metrics.jsonl").read_text().splitlines()
+    steps = [json.loads(line) for line in metrics if '"loss"' in line]
     assert max(step["seconds"] for step in steps) > 1.5
     assert summary["params_sha256"] == reference_sha(tiny_mnist, tmp_path, 3000)
 
@@ -193,29 +220,18 @@ def test_the_worker_host_lost_mid_run_its_actor_replaced_on_the_head(cluster, ti
     """Every process of the worker host SIGKILLed at once (its raylet, its actor, its relay)
     while a job runs on both hosts: the run replaces the lost actor on the head, sharing
     the head's CPU, says so, and ends with exit 0 and the bits of one process."""
-    network = cluster["netns"]
-    head, worker = network["hosts"]
+    worker = cluster["netns"]["hosts"][1]
     out = tmp_path / "job"
-    job = subprocess.Popen(
-        ["ip", "netns", "exec", head["namespace"], "ray", "job", "submit", "--address",
-         cluster["dashboard"], "--", "distnum", "train", "--address", "auto", "--iters", "1500",
-         "--workers", "2", "--data-dir", str(tiny_mnist), "--out", str(out), "--quiet", *TINY],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "RAY_AUTH_MODE": "token"},
-    )  # fmt: skip
-    metrics = out / "metrics.jsonl"
-    wait_until(lambda: metrics.exists() and metrics.read_text().count("test_acc") >= 3, 180, job)
-    host_processes = output(["ip", "netns", "pids", worker["namespace"]]).split()
-    assert host_processes
-    for pid in host_processes:
+    job = job_under_way(cluster, tiny_mnist, out, 1000)
+    host_processes = processes_in(worker["namespace"])
+    assert actor_processes(host_processes, "GradientWorker")
+    for process in host_processes:
         try:
-            os.kill(int(pid), signal.SIGKILL)
-        except ProcessLookupError:
+            process.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
             pass
-    stdout, stderr = job.communicate(timeout=300)
-    assert job.returncode == 0 and "succeeded" in stdout, stdout + stderr
-    assert "starts again with 0 of a CPU, all the cluster has free" in stdout + stderr
-    summary = json.loads((out / "summary.json").read_text())
+    summary, said = job_succeeded(job, out)
+    assert "starts again with 0 of a CPU, all the cluster has free" in said
     assert summary["worker_restarts"] >= 1
     assert list(summary["actors_per_node"].values()) == [2]  # both on the head now
-    assert summary["params_sha256"] == reference_sha(tiny_mnist, tmp_path, 1500)
+    assert summary["params_sha256"] == reference_sha(tiny_mnist, tmp_path, 1000)
