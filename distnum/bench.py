@@ -13,6 +13,7 @@ from collections.abc import Callable
 import numba
 import numpy as np
 
+from distnum.data import ImageCodes, shipped_images
 from distnum.engines import EngineFactory, FastEngine, FullEngine
 from distnum.engines.base import one_blas_thread
 from distnum.engines.deltas import sigmoid_change
@@ -179,7 +180,7 @@ class IdleEngine:
 
 
 def bench_workers(
-    x_train: np.ndarray, t_train: np.ndarray, worker_counts: list[int], steps: int,
+    x_train: np.ndarray | ImageCodes, t_train: np.ndarray, worker_counts: list[int], steps: int,
     net: MultiLayerNet, seed: int, h: float, batch_size: int = 100, lr: float = 0.1,
     engine: str | EngineFactory = "fast", nodes: list[str] | None = None,
 ) -> list[dict[str, float]]:  # fmt: skip
@@ -192,11 +193,12 @@ def bench_workers(
     from distnum.distributed import ShardedGradient, cluster_nodes
 
     nodes = nodes or cluster_nodes()
+    x_shipped = shipped_images(x_train)  # made once for every count's actors
     rows = []
     for count in worker_counts:
         rng = np.random.default_rng(seed)
         flat = net.flat_params.copy()
-        gradient = ShardedGradient(net.layout, engine, h, x_train, t_train, count, nodes=nodes)
+        gradient = ShardedGradient(net.layout, engine, h, x_shipped, t_train, count, nodes=nodes)
         transport = gradient.transport
         step_s, compute_s = [], []
         try:

@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from distnum.bench import WARMUP_STEPS, IdleEngine, bench_workers
-from distnum.data import ImageCodes, shipped_images
+from distnum.data import ImageCodes, input_density, shipped_images
 from distnum.distributed import cluster_nodes, sample_losses, shard_slice
 from distnum.engines import FastEngine
 from distnum.engines.base import one_blas_thread
@@ -65,49 +65,71 @@ HOST_COUNTS = [1, 2, 4, 8, 16, 32, 64]
 BANDWIDTHS = {"10 Gbit/s": 10e9 / 8, "25 Gbit/s": 25e9 / 8}  # bytes per second
 
 
-def shard_steps(layout: ParamLayout, flat: np.ndarray, indices: np.ndarray,
-                x: np.ndarray | ImageCodes, t: np.ndarray, batches: np.ndarray,
-                loss_rows: list[np.ndarray], h: float, barrier: multiprocessing.synchronize.Barrier,
+def shard_steps(number: int, layout: ParamLayout, flat: np.ndarray, x: np.ndarray | ImageCodes,
+                t: np.ndarray, batches: np.ndarray, shares: list[tuple | None], h: float,
+                barriers: list[multiprocessing.synchronize.Barrier],
+                everyone: multiprocessing.synchronize.Barrier,
                 results: multiprocessing.queues.Queue) -> None:  # fmt: skip
-    """In a process of its own, what an actor computes each step (batches (S, B), and the
-    rows of the loss it computes each step) once every shard's process is ready: puts
-    (started, ended, its CPU seconds) per step on results; or the error that stopped it;
-    or None when another's error or a timeout broke the barrier."""
+    """In process number `number`, what an actor computes each step (batches (S, B)), for
+    each set of shards in turn: its share of the set (its shard's indices and the rows of the
+    loss it computes each step), or None when the set has fewer shards than the process's
+    number. A set's steps start when every process is done with the set before; each step
+    once every shard of the set is ready. Puts on results its number and, by set,
+    [(started, ended, CPU seconds) per step] or None where it had no share; or the error
+    that stopped it; or None when another's error or a timeout broke a barrier."""
     try:
-        engine = FastEngine(layout, indices)
-        with one_blas_thread():  # as an actor has: one CPU, and its own thread's time counted
-            shard_slice(engine, len(indices), flat, x[:2], t[:2], h)  # compiled, or loaded
-            times = []
-            for batch, rows in zip(batches, loss_rows, strict=True):
-                barrier.wait(BARRIER_TIMEOUT_S)
-                started, cpu = time.perf_counter(), time.thread_time()
-                shard_slice(engine, len(indices), flat, x[batch], t[batch], h)
-                sample_losses(layout, flat, x, t, rows)
-                times.append((started, time.perf_counter(), time.thread_time() - cpu))
-        results.put(times)
+        measured = []
+        for share, barrier in zip(shares, barriers, strict=True):
+            everyone.wait(BARRIER_TIMEOUT_S)  # no process still computing the set before
+            if share is None:
+                measured.append(None)
+                continue
+            indices, loss_rows = share
+            engine = FastEngine(layout, indices)
+            with one_blas_thread():  # as an actor has: one CPU, and its own thread's time counted
+                shard_slice(engine, len(indices), flat, x[:2], t[:2], h)  # compiled, or loaded
+                times = []
+                for batch, rows in zip(batches, loss_rows, strict=True):
+                    barrier.wait(BARRIER_TIMEOUT_S)
+                    started, cpu = time.perf_counter(), time.thread_time()
+                    shard_slice(engine, len(indices), flat, x[batch], t[batch], h)
+                    sample_losses(layout, flat, x, t, rows)
+                    times.append((started, time.perf_counter(), time.thread_time() - cpu))
+            measured.append(times)
+        results.put((number, measured))
     except threading.BrokenBarrierError:
         results.put(None)
-    except BaseException as error:  # the parent reports it; the others' barrier breaks
-        barrier.abort()
+    except BaseException as error:  # the parent reports it; the others' barriers break
+        for barrier in (everyone, *barriers):
+            barrier.abort()
         results.put(f"{type(error).__name__}: {error}")
 
 
 def compute_seconds(layout: ParamLayout, flat: np.ndarray, x: np.ndarray | ImageCodes,
-                    t: np.ndarray, batches: np.ndarray, shards: list[np.ndarray],
-                    h: float) -> tuple[float, float]:  # fmt: skip
-    """K: the median seconds from the first shard's start to the last one's end of a step,
-    each shard computing in a process of its own (spawned: its own memory, as an actor
-    has), released together each step; and the median CPU seconds a shard's thread spends
-    in a step. Raises RuntimeError, with the reason, when a shard's process fails."""
+                    t: np.ndarray, batches: np.ndarray, shard_sets: list[list[np.ndarray]],
+                    h: float) -> list[tuple[float, float]]:  # fmt: skip
+    """K, for each set of shards: the median seconds from the first shard's start to the
+    last one's end of a step, each shard computing in a process of its own (spawned: its
+    own memory, as an actor has), released together each step; and the median CPU seconds
+    a shard's thread spends in a step. The sets are measured one after the other by as
+    many processes as the largest has shards. Raises RuntimeError, with the reason, when a
+    shard's process fails."""
     context = multiprocessing.get_context("spawn")
-    barrier, results = context.Barrier(len(shards)), context.Queue()
+    barriers = [context.Barrier(len(shards)) for shards in shard_sets]
+    processes_needed = max(map(len, shard_sets))
+    everyone, results = context.Barrier(processes_needed), context.Queue()
     previous = np.roll(batches, 1, axis=0)  # each step's loss: the step before's batch
-    split = [np.array_split(rows, len(shards)) for rows in previous]
+    shares: list[list[tuple | None]] = [[] for _ in range(processes_needed)]
+    for shards in shard_sets:
+        split = [np.array_split(rows, len(shards)) for rows in previous]
+        for k, process_shares in enumerate(shares):
+            in_set = k < len(shards)
+            process_shares.append((shards[k], [rows[k] for rows in split]) if in_set else None)
     processes = [
         context.Process(target=shard_steps, daemon=True,
-                        args=(layout, flat, indices, x, t, batches, [rows[k] for rows in split],
-                              h, barrier, results))
-        for k, indices in enumerate(shards)
+                        args=(k, layout, flat, x, t, batches, process_shares, h, barriers,
+                              everyone, results))
+        for k, process_shares in enumerate(shares)
     ]  # fmt: skip
     answers: list = []
     try:
@@ -131,10 +153,14 @@ def compute_seconds(layout: ParamLayout, flat: np.ndarray, x: np.ndarray | Image
     failed = [answer for answer in answers if isinstance(answer, str)]
     if failed or None in answers:
         reason = failed[0] if failed else f"no step in {BARRIER_TIMEOUT_S:.0f} s"
-        raise RuntimeError(f"measuring the compute of {len(shards)} shards: {reason}")
-    times = np.array(answers)[:, WARMUP_STEPS:]  # (shards, steps, 3)
-    step = times[:, :, 1].max(axis=0) - times[:, :, 0].min(axis=0)
-    return float(np.median(step)), float(np.median(times[:, :, 2]))
+        counts = "/".join(str(len(shards)) for shards in shard_sets)
+        raise RuntimeError(f"measuring the compute of {counts} shards: {reason}")
+    by_process, measured = dict(answers), []
+    for n, shards in enumerate(shard_sets):
+        times = np.array([by_process[k][n] for k in range(len(shards))])[:, WARMUP_STEPS:]
+        step = times[:, :, 1].max(axis=0) - times[:, :, 0].min(axis=0)  # times (shards, steps, 3)
+        measured.append((float(np.median(step)), float(np.median(times[:, :, 2]))))
+    return measured
 
 
 def fitted_fixed_seconds(cpu_s: dict[int, float]) -> float:
@@ -151,7 +177,7 @@ def fitted_fixed_seconds(cpu_s: dict[int, float]) -> float:
 
 
 def drawn_steps(
-    x_train: np.ndarray, t_train: np.ndarray, seed: int, steps: int, batch_size: int
+    x_train: np.ndarray | ImageCodes, t_train: np.ndarray, seed: int, steps: int, batch_size: int
 ) -> tuple[np.ndarray | ImageCodes, np.ndarray, np.ndarray]:
     """The rows that steps (and the warm-up's) draw, numbered anew, as the actors have them
     (uint8 codes when they are pixels), their labels, and the batches (S, B) in the new
@@ -169,8 +195,9 @@ def ceiling(layout: ParamLayout, flat: np.ndarray, x: np.ndarray | ImageCodes, t
     once (spawned, released together each step, as compute_seconds), against one alone,
     N K_whole(1) / K_whole(N); the speedup N shards could reach if they repeated no work."""
     whole = np.arange(layout.size)
-    seconds = {n: compute_seconds(layout, flat, x, t, batches, [whole] * n, h)[0]
-               for n in sorted(set(counts) | {1})}  # fmt: skip
+    every = sorted(set(counts) | {1})
+    measured = compute_seconds(layout, flat, x, t, batches, [[whole] * n for n in every], h)
+    seconds = {n: step_s for n, (step_s, _) in zip(every, measured, strict=True)}
     return {n: n * seconds[1] / seconds[n] for n in counts}
 
 
@@ -187,15 +214,16 @@ def measure(x_train: np.ndarray, t_train: np.ndarray, hidden: int, seed: int, h:
     net = TwoLayerNet(x_train.shape[1], hidden, 10, seed=seed)
     common = {"steps": steps, "net": net, "seed": seed, "h": h, "batch_size": batch_size}
     checked_workers = [n for n in workers if n <= CHECKED_UP_TO]
-    checked = bench_workers(x_train, t_train, checked_workers, nodes=[here], **common)
-    idle = bench_workers(x_train, t_train, workers, engine=IdleEngine, nodes=[here], **common)
-    x_used, t_used, batches = drawn_steps(x_train, t_train, seed, steps, batch_size)
-    density = np.count_nonzero(x_train, axis=0) / len(x_train)
-    compute, cpu = {}, {}
-    for n in workers:
-        shards = make_shards(net.layout, density, n)
-        compute[n], cpu[n] = compute_seconds(net.layout, net.flat_params, x_used, t_used,
-                                             batches, shards, h)  # fmt: skip
+    x_shipped = shipped_images(x_train)  # made once for every ShardedGradient below
+    checked = bench_workers(x_shipped, t_train, checked_workers, nodes=[here], **common)
+    idle = bench_workers(x_shipped, t_train, workers, engine=IdleEngine, nodes=[here], **common)
+    x_used, t_used, batches = drawn_steps(x_shipped, t_train, seed, steps, batch_size)
+    density = input_density(x_shipped)
+    shard_sets = [make_shards(net.layout, density, n) for n in workers]
+    measured = compute_seconds(net.layout, net.flat_params, x_used, t_used, batches, shard_sets,
+                               h)  # fmt: skip
+    compute = {n: step_s for n, (step_s, _) in zip(workers, measured, strict=True)}
+    cpu = {n: cpu_s for n, (_, cpu_s) in zip(workers, measured, strict=True)}
     report = {
         "hidden": hidden,
         "params": checked[0]["params"],
@@ -212,7 +240,7 @@ def measure(x_train: np.ndarray, t_train: np.ndarray, hidden: int, seed: int, h:
                                    for n in workers}  # fmt: skip
     if others:
         workers = sorted(set(workers) | {2})
-        two = bench_workers(x_train, t_train, [n for n in workers if n > 1], engine=IdleEngine,
+        two = bench_workers(x_shipped, t_train, [n for n in workers if n > 1], engine=IdleEngine,
                             nodes=[here, others[0]], **common)  # fmt: skip
         report["two_host_overhead_s"] = {r["workers"]: r["median_overhead_s"] for r in two}
         report["bytes_to_each_host"] = {r["workers"]: r["bytes_to_each_host"] for r in two}

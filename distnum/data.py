@@ -427,8 +427,17 @@ class ImageCodes:
         return None
 
 
-def shipped_images(x: np.ndarray) -> ImageCodes | np.ndarray:
+def shipped_images(x: np.ndarray | ImageCodes) -> ImageCodes | np.ndarray:
     """x as it goes to the workers: its uint8 codes when it is made of pixel values (8x
-    fewer bytes, the same rows read back), else x itself."""
+    fewer bytes, the same rows read back), else x itself (codes already made: as they are)."""
+    if isinstance(x, ImageCodes):
+        return x
     codes = ImageCodes.of(x)
     return x if codes is None else codes
+
+
+def input_density(x: np.ndarray | ImageCodes) -> np.ndarray:
+    """(D,) the fraction of the rows of x (N, D) in which each input is nonzero: the fast
+    engine skips zero inputs, so this is what the nudges of an input's weights cost."""
+    values = x.codes if isinstance(x, ImageCodes) else x  # code 0 is the value 0.0
+    return np.count_nonzero(values, axis=0) / len(values)

@@ -32,7 +32,7 @@ from ray.util.client import ray as client_ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from distnum import node_channel
-from distnum.data import shipped_images
+from distnum.data import ImageCodes, input_density, shipped_images
 from distnum.engines import EngineFactory, make_engine
 from distnum.models import ParamLayout, checked_batch, per_sample_losses, total_loss
 from distnum.node_channel import (
@@ -217,14 +217,15 @@ class ShardedGradient:
     (the same inputs give the same bits), up to max_restarts times in all."""
 
     def __init__(
-        self, layout: ParamLayout, engine: str | EngineFactory, h: float, x_train: np.ndarray,
-        t_train: np.ndarray, num_workers: int, max_restarts: int = 3,
-        nodes: list[str] | None = None,
+        self, layout: ParamLayout, engine: str | EngineFactory, h: float,
+        x_train: np.ndarray | ImageCodes, t_train: np.ndarray, num_workers: int,
+        max_restarts: int = 3, nodes: list[str] | None = None,
     ) -> None:  # fmt: skip
-        """nodes: the Ray node ids to place the actors on, worker k on nodes[k % len(nodes)]
-        (`distnum bench --model` measures one node and several); default: spread by Ray."""
-        density = np.count_nonzero(x_train, axis=0) / len(x_train)
-        self.shards = make_shards(layout, density, num_workers)
+        """x_train (N, D): float64 rows, or their codes (shipped_images) when the caller makes
+        several; nodes: the Ray node ids to place the actors on, worker k on
+        nodes[k % len(nodes)] (`distnum bench --model` measures one node and several);
+        default: spread by Ray."""
+        self.shards = make_shards(layout, input_density(x_train), num_workers)
         self.shard_indices = np.concatenate(self.shards)  # where each gathered value belongs
         bounds = np.cumsum([0, *map(len, self.shards)])
         self.places = [slice(lo, hi) for lo, hi in itertools.pairwise(bounds)]  # in the slices

@@ -118,6 +118,17 @@ def tiny_mnist(tmp_path_factory) -> Path:
     return directory
 
 
+@pytest.fixture(scope="session")
+def bench_mnist(tmp_path_factory) -> Path:
+    """An MNIST-format set with room for bench's batches of 100: 200 training and 20 test
+    images of random pixels, for the benchmarks' tests (what they check is not MNIST's)."""
+    from idx_files import write_fake_mnist
+
+    directory = tmp_path_factory.mktemp("bench-mnist")
+    write_fake_mnist(directory, n_train=200, n_test=20)
+    return directory
+
+
 @pytest.fixture
 def joining(tests_ray) -> list[str]:
     """The options that make a `distnum train` started as a process join the tests' Ray (in

@@ -79,9 +79,9 @@ def test_bad_h_and_missing_data_are_one_line_errors(tmp_path):
     assert run.stderr.strip().count("\n") == 0 and "has no train-images" in run.stderr
 
 
-def test_bench_workers_reports_steps_per_second_and_overhead(mnist_dir, joining):
+def test_bench_workers_reports_steps_per_second_and_overhead(bench_mnist, joining):
     run = distnum(
-        "bench", "--data-dir", str(mnist_dir), "--full-sample", "20", "--repeat", "2",
+        "bench", "--data-dir", str(bench_mnist), "--full-sample", "20", "--repeat", "2",
         "--workers", "1", "2", "--steps", "20", "--json", *joining,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr

@@ -139,12 +139,12 @@ def test_joining_without_the_token_says_how_to_give_it(cluster, tiny_mnist, tmp_
     assert list(tmp_path.iterdir()) == []  # the refused run left no folder
 
 
-def test_each_other_host_gets_one_copy_of_the_parameters_per_step(cluster, mnist_dir, tmp_path):
+def test_each_other_host_gets_one_copy_of_the_parameters_per_step(cluster, bench_mnist, tmp_path):
     """`distnum bench --model` across the two nodes: the bytes sent to the other node per
     step are one copy of the parameters, with 1 actor there or 2."""
     run = subprocess.run(
         [sys.executable, "-m", "distnum", "bench", "--model", "--address", cluster["address"],
-         "--data-dir", str(mnist_dir), "--hidden-sizes", "10", "--workers", "4", "--steps", "3",
+         "--data-dir", str(bench_mnist), "--hidden-sizes", "10", "--workers", "4", "--steps", "3",
          "--plot", str(tmp_path / "model.png"), "--json"],
         env={**os.environ, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True,
         timeout=300,

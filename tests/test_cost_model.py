@@ -55,20 +55,24 @@ def test_the_fixed_work_is_fitted_to_a_shards_cpu_time():
 
 
 def test_the_compute_of_a_step_in_processes_of_its_own(mnist, monkeypatch):
-    """K: real spawned processes, one per shard, released together each step; none is left."""
+    """K: real spawned processes, one per shard, released together each step, for one set of
+    shards after the other; none is left."""
     (x, t), _ = mnist
     net = TwoLayerNet(784, 10, 10, seed=0)
     batches = np.arange(600).reshape(6, 100)  # 1 warm-up step and 5 timed
-    shards = np.array_split(np.arange(net.layout.size), 2)
+    whole = np.arange(net.layout.size)
+    halves = np.array_split(whole, 2)
     monkeypatch.setattr(cost_model, "WARMUP_STEPS", 1)
-    step_s, cpu_s = cost_model.compute_seconds(net.layout, net.flat_params, x[:600], t[:600],
-                                               batches, shards, 1e-4)  # fmt: skip
-    assert 0 < cpu_s < 1 and cpu_s < step_s * 1.5
+    measured = cost_model.compute_seconds(net.layout, net.flat_params, x[:600], t[:600],
+                                          batches, [[whole], halves], 1e-4)  # fmt: skip
+    assert len(measured) == 2
+    for step_s, cpu_s in measured:
+        assert 0 < cpu_s < 1 and cpu_s < step_s * 1.5
     # a shard that fails (an index past the parameters) stops them all, with its reason
-    bad = [shards[0], np.array([net.layout.size])]
-    with pytest.raises(RuntimeError, match=r"2 shards: ValueError: parameter indices"):
-        cost_model.compute_seconds(net.layout, net.flat_params, x[:600], t[:600], batches, bad,
-                                   1e-4)  # fmt: skip
+    bad = [halves[0], np.array([net.layout.size])]
+    with pytest.raises(RuntimeError, match=r"1/2 shards: ValueError: parameter indices"):
+        cost_model.compute_seconds(net.layout, net.flat_params, x[:600], t[:600], batches,
+                                   [[whole], bad], 1e-4)  # fmt: skip
     assert multiprocessing.active_children() == []
 
 
@@ -96,10 +100,10 @@ def test_the_host_cost_splits_into_a_fixed_part_and_bytes_over_the_link_measured
         assert m["predicted_speedup"]["10 Gbit/s"][1] == pytest.approx(1.0)
 
 
-def test_bench_model_on_this_machine_prints_and_plots(mnist_dir, ray_session, tmp_path, capsys,
+def test_bench_model_on_this_machine_prints_and_plots(bench_mnist, ray_session, tmp_path, capsys,
                                                       monkeypatch):  # fmt: skip
     png = tmp_path / "model.png"
-    status = run(["bench", "--model", "--data-dir", str(mnist_dir), "--hidden-sizes", "10",
+    status = run(["bench", "--model", "--data-dir", str(bench_mnist), "--hidden-sizes", "10",
                    "--workers", "1", "--steps", "4", "--plot", str(png), "--json"])  # fmt: skip
     assert status == 0
     assert option("data_dir") == "data_dir="  # the command's flag style ended with it

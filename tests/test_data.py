@@ -25,6 +25,7 @@ from distnum.data import (
     Dataset,
     ImageCodes,
     download,
+    input_density,
     load_mnist,
     locate,
     shipped_images,
@@ -73,10 +74,15 @@ def test_the_training_set_ships_as_uint8_codes_and_reads_back_the_same_bits(mnis
     codes = ImageCodes.of(x_train)
     assert codes.codes.dtype == np.uint8 and codes.nbytes * 8 == x_train.nbytes
     assert isinstance(shipped_images(x_train), ImageCodes)
+    assert shipped_images(codes) is codes  # made once, shipped as they are
     rows = np.random.default_rng(0).choice(len(x_train), 100)
     for picked in (rows, slice(0, 2), slice(59_990, None)):
         assert codes[picked].dtype == np.float64
         assert codes[picked].tobytes() == x_train[picked].tobytes()
+    # the shards' costs come out the same from either
+    density = input_density(x_train)
+    assert density.shape == (784,) and 0 < density.mean() < 0.5  # MNIST's black borders
+    assert input_density(codes).tobytes() == density.tobytes()
 
 
 def test_a_training_set_of_other_values_is_shipped_as_it_is():

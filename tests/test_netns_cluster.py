@@ -160,17 +160,20 @@ def test_a_link_down_for_two_seconds_mid_run_costs_the_run_nothing(cluster, tiny
     worker = network["hosts"][1]
     out = tmp_path / "job"
     job = job_under_way(cluster, tiny_mnist, out, 3000)
+    metrics = out / "metrics.jsonl"  # flushed at every epoch (6 steps)
     cable = ["ip", "-n", network["switch"], "link", "set", worker["switch_link"]]
     subprocess.run([*cable, "down"], check=True)
+    epochs_before = metrics.read_text().count("test_acc")
     time.sleep(2)
+    epochs_after = metrics.read_text().count("test_acc")
     subprocess.run([*cable, "up"], check=True)
+    # the gap fell inside the run and held it (a step's request, or the loss the driver
+    # asks for at an epoch's end, waited through it): some 30 epochs in 2 s otherwise
+    assert job.poll() is None
+    assert epochs_after - epochs_before <= 1
     summary, _ = job_succeeded(job, out)
     assert summary["worker_restarts"] == 0
     assert sorted(summary["actors_per_node"].values()) == [1, 1]
-    # the gap fell inside the run: one step waited through it
-    metrics = (out / "metrics.jsonl").read_text().splitlines()
-    steps = [json.loads(line) for line in metrics if '"loss"' in line]
-    assert max(step["seconds"] for step in steps) > 1.5
     assert summary["params_sha256"] == reference_sha(tiny_mnist, tmp_path, 3000)
 
 
