@@ -80,7 +80,9 @@ def shard_steps(number: int, layout: ParamLayout, flat: np.ndarray, x: np.ndarra
     try:
         measured = []
         for share, barrier in zip(shares, barriers, strict=True):
-            everyone.wait(BARRIER_TIMEOUT_S)  # no process still computing the set before
+            # no process still computing the set before, however long its steps take: a set
+            # that fails or times out aborts this barrier too
+            everyone.wait()
             if share is None:
                 measured.append(None)
                 continue
@@ -97,12 +99,11 @@ def shard_steps(number: int, layout: ParamLayout, flat: np.ndarray, x: np.ndarra
                     times.append((started, time.perf_counter(), time.thread_time() - cpu))
             measured.append(times)
         results.put((number, measured))
-    except threading.BrokenBarrierError:
-        results.put(None)
     except BaseException as error:  # the parent reports it; the others' barriers break
         for barrier in (everyone, *barriers):
             barrier.abort()
-        results.put(f"{type(error).__name__}: {error}")
+        broken = isinstance(error, threading.BrokenBarrierError)
+        results.put(None if broken else f"{type(error).__name__}: {error}")
 
 
 def compute_seconds(layout: ParamLayout, flat: np.ndarray, x: np.ndarray | ImageCodes,

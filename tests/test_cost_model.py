@@ -68,11 +68,12 @@ def test_the_compute_of_a_step_in_processes_of_its_own(mnist, monkeypatch):
     assert len(measured) == 2
     for step_s, cpu_s in measured:
         assert 0 < cpu_s < 1 and cpu_s < step_s * 1.5
-    # a shard that fails (an index past the parameters) stops them all, with its reason
-    bad = [halves[0], np.array([net.layout.size])]
+    # a shard that fails (an index past the parameters) stops them all, with its reason: the
+    # process waiting for the next set too
+    bad = [np.array([net.layout.size])]
     with pytest.raises(RuntimeError, match=r"1/2 shards: ValueError: parameter indices"):
         cost_model.compute_seconds(net.layout, net.flat_params, x[:600], t[:600], batches,
-                                   [[whole], bad], 1e-4)  # fmt: skip
+                                   [bad, halves], 1e-4)  # fmt: skip
     assert multiprocessing.active_children() == []
 
 
