@@ -9,6 +9,9 @@ memory on the driver's node, each actor copying its slice to its place among the
 which takes one copy of the step over TCP for all the node's actors, and answers with their
 slices. A driver that is no node of the cluster (Ray Client) steps through a Ray Compiled
 Graph instead.
+
+WorkerActors places, starts and replaces the actors; StepLinks carries each step to them;
+ShardedGradient is the driver's gradient over both, a step redone after an actor is lost.
 """
 
 from __future__ import annotations
@@ -207,35 +210,21 @@ class HostRelay:
             self.channel.close()
 
 
-class ShardedGradient:
-    """The driver's side: num_workers GradientWorker actors spread over the cluster's nodes,
-    shards of equal estimated cost, and each step sent to them all at once: through shared
-    memory on each node and one TCP connection to each other node's HostRelay, or through a
-    Ray Compiled Graph when the driver is a Ray Client.
+class WorkerActors:
+    """The GradientWorker actors of a ShardedGradient, one per shard: where each goes,
+    starting them, and replacing the ones that died."""
 
-    A worker actor that dies is replaced, the actors connected again and the step redone
-    (the same inputs give the same bits), up to max_restarts times in all."""
-
-    def __init__(
-        self, layout: ParamLayout, engine: str | EngineFactory, h: float,
-        x_train: np.ndarray | ImageCodes, t_train: np.ndarray, num_workers: int,
-        max_restarts: int = 3, nodes: list[str] | None = None,
-    ) -> None:  # fmt: skip
-        """x_train (N, D): float64 rows, or their codes (shipped_images) when the caller makes
-        several; nodes: the Ray node ids to place the actors on, worker k on
-        nodes[k % len(nodes)] (`distnum bench --model` measures one node and several);
+    def __init__(self, actor_args: tuple, shards: list[np.ndarray],
+                 nodes: list[str] | None) -> None:  # fmt: skip
+        """actor_args: (engine, layout, h, x_ref, t_ref) as every GradientWorker takes them;
+        nodes: the Ray node ids to place the actors on, actor k on nodes[k % len(nodes)];
         default: spread by Ray."""
-        self.shards = make_shards(layout, input_density(x_train), num_workers)
-        self.shard_indices = np.concatenate(self.shards)  # where each gathered value belongs
-        bounds = np.cumsum([0, *map(len, self.shards)])
-        self.places = [slice(lo, hi) for lo, hi in itertools.pairwise(bounds)]  # in the slices
-        shipped = shipped_images(x_train)
-        self.training_set_bytes = shipped.nbytes
-        self.actor_args = (engine, layout, h, ray.put(shipped), ray.put(t_train))
-        # more workers than CPUs share them, rather than wait for CPUs that never come
+        self.actor_args, self.shards = actor_args, shards
+        count = len(shards)
+        # more actors than CPUs share them, rather than wait for CPUs that never come
         node_cpus = {node["NodeID"]: node["Resources"].get("CPU", 0.0) for node in ray.nodes()}
         if nodes:
-            chosen = [nodes[k % len(nodes)] for k in range(num_workers)]
+            chosen = [nodes[k % len(nodes)] for k in range(count)]
             counts = collections.Counter(chosen)
             self.placements = [
                 {"num_cpus": min(1.0, node_cpus.get(node, 1.0) / counts[node]),
@@ -243,27 +232,17 @@ class ShardedGradient:
                 for node in chosen
             ]  # fmt: skip
         else:
-            cpus = min(1.0, ray.cluster_resources().get("CPU", 1.0) / num_workers)
-            self.placements = [{"num_cpus": cpus, "scheduling_strategy": "SPREAD"}] * num_workers
-        self.num_workers, self.max_restarts, self.restarts = num_workers, max_restarts, 0
-        self.layout, self.x_train, self.t_train = layout, x_train, t_train
-        self.graph = None
-        self.channel: NodeChannel | None = None
-        self.transport: str | None = None  # how steps reach the actors, once connected
-        self.serving: list[ray.ObjectRef] = []
-        self.workers: list[ray.actor.ActorHandle] = []
-        self.relays: list[ray.actor.ActorHandle] = []
-        self.expected_compute_s = self.slowest_compute_s = 0.0
-        self.patience = 1  # grows when a step outlasts the wait limit with every actor alive
-        try:
-            self.workers = [self.new_worker(k) for k in range(num_workers)]
-            self.wait_ready()
-            self.connect_workers()
-        except BaseException:  # leave no actor behind in a Ray the caller keeps
-            self.close()
-            raise
+            cpus = min(1.0, ray.cluster_resources().get("CPU", 1.0) / count)
+            self.placements = [{"num_cpus": cpus, "scheduling_strategy": "SPREAD"}] * count
+        self.handles: list[ray.actor.ActorHandle] = []
+        self.nodes: list[str] = []  # each actor's, once ready
+        self.actors_per_node: dict[str, int] = {}
 
-    def new_worker(self, k: int) -> ray.actor.ActorHandle:
+    def start(self) -> None:
+        for k in range(len(self.shards)):  # one by one: close() kills those made if one fails
+            self.handles.append(self.new_actor(k))
+
+    def new_actor(self, k: int) -> ray.actor.ActorHandle:
         engine, layout, h, x_ref, t_ref = self.actor_args
         return GradientWorker.options(**self.placements[k]).remote(
             engine, layout, self.shards[k], h, x_ref, t_ref
@@ -273,7 +252,7 @@ class ShardedGradient:
         """Wait until every actor has its kernels loaded, START_TIMEOUT_S at most (an actor
         the cluster has no room for never starts); count the actors on each node."""
         try:
-            nodes = ray.get([worker.ready.remote() for worker in self.workers],
+            nodes = ray.get([actor.ready.remote() for actor in self.handles],
                             timeout=START_TIMEOUT_S)  # fmt: skip
         except ray.exceptions.GetTimeoutError:
             raise WorkerFailed(f"a worker actor did not start in {START_TIMEOUT_S:.0f} s: the "
@@ -289,183 +268,20 @@ class ShardedGradient:
         self.nodes = nodes
         self.actors_per_node = dict(collections.Counter(nodes))
 
-    def connect_workers(self) -> None:
-        """Shared memory and relays when the driver runs on a node of the cluster (no Ray
-        Client, far from it); else, or when an actor cannot use them, a compiled graph."""
-        if node_channel.available() and not client_ray.is_connected():
-            try:
-                self.open_channel()
-                return
-            except ChannelUnavailable:
-                self.disconnect_workers()
-        self.compile()
+    def dead(self) -> list[int]:
+        """The actors that do not answer within 60 s."""
+        return [k for k, actor in enumerate(self.handles) if not answers(actor)]
 
-    def open_channel(self) -> None:
-        """The driver's NodeChannel for the actors on its node, and a HostRelay on each other
-        node with actors, connected to it; ChannelUnavailable when an actor or a relay
-        cannot serve."""
-        size, max_batch = self.layout.size, len(self.x_train)  # train() refuses larger batches
-        on_node = collections.defaultdict(list)
-        for k, node in enumerate(self.nodes):
-            on_node[node].append(k)
-        here = ray.get_runtime_context().get_node_id()
-        self.channel = NodeChannel(size, max_batch, on_node.pop(here, []), self.shard_indices)
-        secret = secrets.token_bytes(node_channel.SECRET_BYTES)
-        hosts = []  # (its workers, where their slices go), one per relay
-        for node, workers in on_node.items():
-            places = [self.places[k] for k in workers]
-            placed = NodeAffinitySchedulingStrategy(node_id=node, soft=False)
-            self.relays.append(HostRelay.options(num_cpus=0, scheduling_strategy=placed)
-                               .remote(size, max_batch, workers, places, secret))  # fmt: skip
-            hosts.append((workers, places))
-        try:
-            endpoints = ray.get([relay.endpoints.remote() for relay in self.relays])
-        except ray.exceptions.RayError as error:  # a relay could not make its channel
-            raise ChannelUnavailable(first_line(error)) from None
-        # each actor meets its node's channel: the driver's, or the relay's
-        channel = self.channel
-        meetings = [(channel.shared.path, channel.address, list(channel.connections))]
-        for (path, address, _), (workers, _) in zip(endpoints, hosts, strict=True):
-            meetings.append((path, address, workers))
-        for path, address, workers in meetings:
-            for k in workers:
-                self.serving.append(
-                    self.workers[k].serve.remote(address, path, max_batch, k, self.places[k])
-                )
-        self.serving += [relay.serve.remote() for relay in self.relays]
-        # an actor's (or a relay's) serve() ends early only when it cannot serve, or died
-        channel.accept(CONNECT_TIMEOUT_S, failed=self.serving_ended)
-        for (_, _, endpoint), (_, places) in zip(endpoints, hosts, strict=True):
-            channel.add_host(HostLink(endpoint, secret, places, CONNECT_TIMEOUT_S,
-                                      failed=self.serving_ended))  # fmt: skip
-        self.transport = "shared memory and tcp" if self.relays else "shared memory"
-
-    def serving_ended(self) -> bool:
-        """Whether an actor's or a relay's serve() has ended while the channel waits for it:
-        True when it could not serve; WorkerLost when its actor died."""
-        ended, _ = ray.wait(self.serving, timeout=0)
-        for serving in ended:
-            try:
-                ray.get(serving)
-            except ray.exceptions.RayActorError:
-                raise WorkerLost("an actor serving the steps") from None
-            except ray.exceptions.RayError:
-                pass
-        return bool(ended)
-
-    def compile(self) -> None:
-        with InputNode() as step:
-            dag = MultiOutputNode([w.gradient_slice.bind(step) for w in self.workers])
-        buffer_bytes = self.layout.size * 8 + (1 << 16)  # parameters in, a slice out
-        self.graph = dag.experimental_compile(_buffer_size_bytes=buffer_bytes)
-        self.transport = "compiled graph"
-
-    def __call__(self, flat: np.ndarray, batch: np.ndarray) -> tuple[np.ndarray, float]:
-        """The gradient (layout.size,) in index order, and the longest time one worker spent
-        computing its slice."""
-        grad, compute_s, _ = self.step(flat, batch, None)
-        return grad, compute_s
-
-    def step(self, flat: np.ndarray, batch: np.ndarray,
-             loss_batch: np.ndarray | None) -> tuple[np.ndarray, float, float | None]:  # fmt: skip
-        """The gradient and its seconds as __call__, and the mean loss at flat of loss_batch,
-        if given: in the same request, through shared memory and the relays (the previous
-        step's loss, at the parameters this step starts from, costs the actors a few rows
-        each and no round trip of its own)."""
-        # the workers compute meanwhile: sleep through most of the expected wait, as the
-        # driver's waiting would take a CPU they need when they are as many as the cores
-        sleep_s = 0.95 * self.expected_compute_s
-        grad, compute_s, losses = self.recovering(
-            lambda limit_s: self.channel.gradient(flat, batch, loss_batch, sleep_s, limit_s)
-            if self.channel is not None
-            else (*self.run_graph(flat, batch, sleep_s, limit_s), None)
-        )  # fmt: skip
-        self.expected_compute_s = min(compute_s, 1.05 * self.expected_compute_s or compute_s)
-        self.slowest_compute_s = max(self.slowest_compute_s, compute_s)
-        if loss_batch is None:
-            return grad, compute_s, None
-        if losses is None:  # a compiled graph's step
-            return grad, compute_s, self.loss(flat, loss_batch)
-        return grad, compute_s, total_loss(self.layout, self.layout.views(flat), losses)
-
-    def loss(self, flat: np.ndarray, batch: np.ndarray) -> float:
-        """The batch's mean loss at flat: each actor computes its share of the per-sample
-        losses (the same bits as one process); with a compiled graph, this process computes
-        it."""
-        losses = self.recovering(
-            lambda limit_s: self.channel.losses(flat, batch, limit_s)
-            if self.channel is not None else None
-        )  # fmt: skip
-        if losses is None:
-            return loss_in_process(self.layout, flat, self.x_train, self.t_train, batch)
-        return total_loss(self.layout, self.layout.views(flat), losses)
-
-    def recovering(self, request: Callable[[float], T]) -> T:
-        """request(limit_s), again after an actor died or did not answer in limit_s (with the
-        actors replaced and connected again); an actor's own exception as WorkerFailed."""
-        while True:
-            # never wait without a limit: a graph that lost an actor may not wake its reader
-            limit_s = max(MIN_WAIT_S, 10 * self.slowest_compute_s) * self.patience
-            try:
-                return request(limit_s)
-            except (ray.exceptions.RayTaskError, WorkerRaised) as error:  # its own code raised
-                self.close()  # the other actors' answers are left unread: no request after
-                raise worker_failed(error) from None
-            except (ray.exceptions.RayError, WorkerLost, TimeoutError) as error:
-                failure = error  # an actor died, or no answer in time
-            try:
-                self.recover(failure)
-            except ray.exceptions.RayError as error:  # Ray could not replace what died
-                self.close()
-                raise WorkerFailed(f"replacing a worker actor after {first_line(failure)} "
-                                   f"failed: {type(error).__name__}: {first_line(error)}"
-                                   ) from None  # fmt: skip
-
-    def run_graph(self, flat: np.ndarray, batch: np.ndarray, sleep_s: float,
-                  limit_s: float) -> tuple[np.ndarray, float]:  # fmt: skip
-        result = self.graph.execute((flat, batch))
-        time.sleep(sleep_s)
-        slices = ray.get(result, timeout=limit_s)
-        grad = np.empty_like(flat)
-        # the arrays read are views of the graph's channel buffers: copy them out at once, as
-        # a view that outlives the graph (in a traceback, say) crashes the process when freed
-        grad[self.shard_indices] = np.concatenate([g for g, _ in slices])
-        return grad, max(s for _, s in slices)
-
-    def recover(self, error: Exception) -> None:
-        """After a failed or unanswered step: replace the actors that died, or, when all are
-        alive (the step was only slower than the limit), wait longer next time; then
-        connect them again, so that the step can be redone. Starting and connecting again
-        can fail too (an actor dies meanwhile, or a replacement placed on a node going
-        down): that counts as a restart, and all is done once more."""
-        reconnecting = False
-        if isinstance(error, ray.exceptions.OutOfMemoryError):  # the node is short of memory
-            print(f"distnum: Ray's memory monitor killed a worker actor ({first_line(error)}); "
-                  f"waiting {OOM_WAIT_S:.0f} s for memory before replacing it",
-                  file=sys.stderr, flush=True)  # fmt: skip
-            time.sleep(OOM_WAIT_S)
-        while True:
-            self.disconnect_workers(wait_s=60)
-            dead = [k for k, worker in enumerate(self.workers) if not self.answers(worker)]
-            # a connection that ended is a process lost (an actor, or a relay: made anew)
-            if dead or reconnecting or isinstance(error, WorkerLost):
-                self.count_restart(error)
-            else:
-                self.patience *= 4
-            alive_nodes = [node for k, node in enumerate(self.nodes) if k not in dead]
-            for k in dead:
-                ray.kill(self.workers[k])
-                self.fit_placement(k, alive_nodes)
-                self.workers[k] = self.new_worker(k)
-            try:
-                self.wait_ready()
-                self.connect_workers()
-                return
-            except (ray.exceptions.RayError, WorkerLost, TimeoutError, DiedStarting) as again:
-                error, reconnecting = again, True
+    def replace(self, dead: list[int]) -> None:
+        """New actors for the dead ones (not waited for: wait_ready)."""
+        alive_nodes = [node for k, node in enumerate(self.nodes) if k not in dead]
+        for k in dead:
+            ray.kill(self.handles[k])
+            self.fit_placement(k, alive_nodes)
+            self.handles[k] = self.new_actor(k)
 
     def fit_placement(self, k: int, alive_nodes: list[str]) -> None:
-        """Worker k's placement, for its replacement, when the cluster has fewer CPUs free
+        """Actor k's placement, for its replacement, when the cluster has fewer CPUs free
         than it held, FREED_WAIT_S after it died (its node lost, most likely): what is free,
         on the node of the fewest actors that still answer (not on a node going down that
         Ray has not yet marked dead), so that a lost node's actors share the cores of the
@@ -489,23 +305,131 @@ class ShardedGradient:
         print(f"distnum: worker actor {k} starts again with {free:g} of a CPU, all the "
               "cluster has free (a node lost?)", file=sys.stderr, flush=True)  # fmt: skip
 
-    def count_restart(self, error: Exception) -> None:
-        self.restarts += 1
-        if self.restarts > self.max_restarts:
-            raise WorkerFailed(
-                f"worker actors died {self.restarts} times, more than "
-                f"--max-worker-restarts {self.max_restarts}; last: {first_line(error)}"
-            ) from None
+    def close(self) -> None:
+        for actor in self.handles:
+            try:
+                ray.kill(actor)
+            except ray.exceptions.RayError:
+                pass  # gone already
+        self.handles = []
 
-    @staticmethod
-    def answers(worker: ray.actor.ActorHandle) -> bool:
+
+def answers(actor: ray.actor.ActorHandle) -> bool:
+    try:
+        ray.get(actor.ready.remote(), timeout=60)
+        return True
+    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+        return False
+
+
+class StepLinks:
+    """How each step reaches the actors: shared memory on the driver's node (NodeChannel)
+    and a HostRelay on each other node with actors, or, for a driver that is no node of the
+    cluster (Ray Client) or actors that cannot use them, a Ray Compiled Graph."""
+
+    def __init__(self, layout: ParamLayout, max_batch: int, shard_indices: np.ndarray,
+                 places: list[slice]) -> None:  # fmt: skip
+        self.layout, self.max_batch = layout, max_batch
+        self.shard_indices, self.places = shard_indices, places
+        self.graph = None
+        self.channel: NodeChannel | None = None
+        self.transport: str | None = None  # how steps reach the actors, once connected
+        self.serving: list[ray.ObjectRef] = []
+        self.relays: list[ray.actor.ActorHandle] = []
+
+    def connect(self, actors: WorkerActors) -> None:
+        """Shared memory and relays when the driver runs on a node of the cluster (no Ray
+        Client, far from it); else, or when an actor cannot use them, a compiled graph."""
+        if node_channel.available() and not client_ray.is_connected():
+            try:
+                self.open_channel(actors)
+                return
+            except ChannelUnavailable:
+                self.disconnect()
+        self.compile(actors)
+
+    def open_channel(self, actors: WorkerActors) -> None:
+        """The driver's NodeChannel for the actors on its node, and a HostRelay on each other
+        node with actors, connected to it; ChannelUnavailable when an actor or a relay
+        cannot serve."""
+        size, max_batch = self.layout.size, self.max_batch
+        on_node = collections.defaultdict(list)
+        for k, node in enumerate(actors.nodes):
+            on_node[node].append(k)
+        here = ray.get_runtime_context().get_node_id()
+        self.channel = NodeChannel(size, max_batch, on_node.pop(here, []), self.shard_indices)
+        secret = secrets.token_bytes(node_channel.SECRET_BYTES)
+        hosts = []  # (its workers, where their slices go), one per relay
+        for node, workers in on_node.items():
+            places = [self.places[k] for k in workers]
+            placed = NodeAffinitySchedulingStrategy(node_id=node, soft=False)
+            self.relays.append(HostRelay.options(num_cpus=0, scheduling_strategy=placed)
+                               .remote(size, max_batch, workers, places, secret))  # fmt: skip
+            hosts.append((workers, places))
         try:
-            ray.get(worker.ready.remote(), timeout=60)
-            return True
-        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-            return False
+            endpoints = ray.get([relay.endpoints.remote() for relay in self.relays])
+        except ray.exceptions.RayError as error:  # a relay could not make its channel
+            raise ChannelUnavailable(first_line(error)) from None
+        # each actor meets its node's channel: the driver's, or the relay's
+        channel = self.channel
+        meetings = [(channel.shared.path, channel.address, list(channel.connections))]
+        for (path, address, _), (workers, _) in zip(endpoints, hosts, strict=True):
+            meetings.append((path, address, workers))
+        for path, address, workers in meetings:
+            for k in workers:
+                self.serving.append(
+                    actors.handles[k].serve.remote(address, path, max_batch, k, self.places[k])
+                )
+        self.serving += [relay.serve.remote() for relay in self.relays]
+        # an actor's (or a relay's) serve() ends early only when it cannot serve, or died
+        channel.accept(CONNECT_TIMEOUT_S, failed=self.serving_ended)
+        for (_, _, endpoint), (_, places) in zip(endpoints, hosts, strict=True):
+            channel.add_host(HostLink(endpoint, secret, places, CONNECT_TIMEOUT_S,
+                                      failed=self.serving_ended))  # fmt: skip
+        self.transport = "shared memory and tcp" if self.relays else "shared memory"
 
-    def disconnect_workers(self, wait_s: float = 0.0) -> None:
+    def serving_ended(self) -> bool:
+        """Whether an actor's or a relay's serve() has ended while the channel waits for it:
+        True when it could not serve; WorkerLost when its actor died."""
+        ended, _ = ray.wait(self.serving, timeout=0)
+        for serving in ended:
+            try:
+                ray.get(serving)
+            except ray.exceptions.RayActorError:
+                raise WorkerLost("an actor serving the steps") from None
+            except ray.exceptions.RayError:
+                pass
+        return bool(ended)
+
+    def compile(self, actors: WorkerActors) -> None:
+        with InputNode() as step:
+            dag = MultiOutputNode([actor.gradient_slice.bind(step) for actor in actors.handles])
+        buffer_bytes = self.layout.size * 8 + (1 << 16)  # parameters in, a slice out
+        self.graph = dag.experimental_compile(_buffer_size_bytes=buffer_bytes)
+        self.transport = "compiled graph"
+
+    def gradient(self, flat: np.ndarray, batch: np.ndarray, loss_batch: np.ndarray | None,
+                 sleep_s: float, limit_s: float
+                 ) -> tuple[np.ndarray, float, np.ndarray | None]:  # fmt: skip
+        """The gradient in index order, the longest time an actor spent computing its
+        slice, and the per-sample losses of loss_batch (None through a compiled graph)."""
+        if self.channel is not None:
+            return self.channel.gradient(flat, batch, loss_batch, sleep_s, limit_s)
+        result = self.graph.execute((flat, batch))
+        time.sleep(sleep_s)
+        slices = ray.get(result, timeout=limit_s)
+        grad = np.empty_like(flat)
+        # the arrays read are views of the graph's channel buffers: copy them out at once, as
+        # a view that outlives the graph (in a traceback, say) crashes the process when freed
+        grad[self.shard_indices] = np.concatenate([g for g, _ in slices])
+        return grad, max(s for _, s in slices), None
+
+    def losses(self, flat: np.ndarray, batch: np.ndarray, limit_s: float) -> np.ndarray | None:
+        """The per-sample losses of batch at flat, each actor computing its share; None
+        through a compiled graph."""
+        return self.channel.losses(flat, batch, limit_s) if self.channel is not None else None
+
+    def disconnect(self, wait_s: float = 0.0) -> None:
         """Tear the graph down, or close the channel: each actor's serving then ends (after
         the step it computes, if any), and it takes calls again; wait up to wait_s for
         that, all actors together."""
@@ -534,14 +458,153 @@ class ShardedGradient:
             ray.kill(relay)
         self.relays = []
 
-    def close(self) -> None:
-        self.disconnect_workers()
-        for worker in self.workers:
+
+class ShardedGradient:
+    """The driver's side: a gradient computed by num_workers GradientWorker actors spread
+    over the cluster's nodes (WorkerActors), one shard of equal estimated cost each, every
+    step sent to them all at once (StepLinks).
+
+    A worker actor that dies is replaced, the actors connected again and the step redone
+    (the same inputs give the same bits), up to max_restarts times in all."""
+
+    def __init__(
+        self, layout: ParamLayout, engine: str | EngineFactory, h: float,
+        x_train: np.ndarray | ImageCodes, t_train: np.ndarray, num_workers: int,
+        max_restarts: int = 3, nodes: list[str] | None = None,
+    ) -> None:  # fmt: skip
+        """x_train (N, D): float64 rows, or their codes (shipped_images) when the caller makes
+        several; nodes: the Ray node ids to place the actors on, worker k on
+        nodes[k % len(nodes)] (`distnum bench --model` measures one node and several);
+        default: spread by Ray."""
+        shards = make_shards(layout, input_density(x_train), num_workers)
+        shard_indices = np.concatenate(shards)  # where each gathered value belongs
+        bounds = np.cumsum([0, *map(len, shards)])
+        places = [slice(lo, hi) for lo, hi in itertools.pairwise(bounds)]  # in the slices
+        shipped = shipped_images(x_train)
+        self.training_set_bytes = shipped.nbytes
+        actor_args = (engine, layout, h, ray.put(shipped), ray.put(t_train))
+        self.actors = WorkerActors(actor_args, shards, nodes)
+        # train() refuses batches larger than the training set
+        self.links = StepLinks(layout, len(x_train), shard_indices, places)
+        self.num_workers, self.max_restarts, self.restarts = num_workers, max_restarts, 0
+        self.layout, self.x_train, self.t_train = layout, x_train, t_train
+        self.expected_compute_s = self.slowest_compute_s = 0.0
+        self.patience = 1  # grows when a step outlasts the wait limit with every actor alive
+        try:
+            self.actors.start()
+            self.actors.wait_ready()
+            self.links.connect(self.actors)
+        except BaseException:  # leave no actor behind in a Ray the caller keeps
+            self.close()
+            raise
+
+    @property
+    def actors_per_node(self) -> dict[str, int]:
+        return self.actors.actors_per_node
+
+    @property
+    def transport(self) -> str | None:
+        return self.links.transport
+
+    @property
+    def channel(self) -> NodeChannel | None:
+        return self.links.channel
+
+    def __call__(self, flat: np.ndarray, batch: np.ndarray) -> tuple[np.ndarray, float]:
+        """The gradient (layout.size,) in index order, and the longest time one worker spent
+        computing its slice."""
+        grad, compute_s, _ = self.step(flat, batch, None)
+        return grad, compute_s
+
+    def step(self, flat: np.ndarray, batch: np.ndarray,
+             loss_batch: np.ndarray | None) -> tuple[np.ndarray, float, float | None]:  # fmt: skip
+        """The gradient and its seconds as __call__, and the mean loss at flat of loss_batch,
+        if given: in the same request, through shared memory and the relays (the previous
+        step's loss, at the parameters this step starts from, costs the actors a few rows
+        each and no round trip of its own)."""
+        # the workers compute meanwhile: sleep through most of the expected wait, as the
+        # driver's waiting would take a CPU they need when they are as many as the cores
+        sleep_s = 0.95 * self.expected_compute_s
+        grad, compute_s, losses = self.recovering(
+            lambda limit_s: self.links.gradient(flat, batch, loss_batch, sleep_s, limit_s)
+        )
+        self.expected_compute_s = min(compute_s, 1.05 * self.expected_compute_s or compute_s)
+        self.slowest_compute_s = max(self.slowest_compute_s, compute_s)
+        if loss_batch is None:
+            return grad, compute_s, None
+        if losses is None:  # a compiled graph's step
+            return grad, compute_s, self.loss(flat, loss_batch)
+        return grad, compute_s, total_loss(self.layout, self.layout.views(flat), losses)
+
+    def loss(self, flat: np.ndarray, batch: np.ndarray) -> float:
+        """The batch's mean loss at flat: each actor computes its share of the per-sample
+        losses (the same bits as one process); with a compiled graph, this process computes
+        it."""
+        losses = self.recovering(lambda limit_s: self.links.losses(flat, batch, limit_s))
+        if losses is None:
+            return loss_in_process(self.layout, flat, self.x_train, self.t_train, batch)
+        return total_loss(self.layout, self.layout.views(flat), losses)
+
+    def recovering(self, request: Callable[[float], T]) -> T:
+        """request(limit_s), again after an actor died or did not answer in limit_s (with the
+        actors replaced and connected again); an actor's own exception as WorkerFailed."""
+        while True:
+            # never wait without a limit: a graph that lost an actor may not wake its reader
+            limit_s = max(MIN_WAIT_S, 10 * self.slowest_compute_s) * self.patience
             try:
-                ray.kill(worker)
-            except ray.exceptions.RayError:
-                pass  # gone already
-        self.workers = []
+                return request(limit_s)
+            except (ray.exceptions.RayTaskError, WorkerRaised) as error:  # its own code raised
+                self.close()  # the other actors' answers are left unread: no request after
+                raise worker_failed(error) from None
+            except (ray.exceptions.RayError, WorkerLost, TimeoutError) as error:
+                failure = error  # an actor died, or no answer in time
+            try:
+                self.recover(failure)
+            except ray.exceptions.RayError as error:  # Ray could not replace what died
+                self.close()
+                raise WorkerFailed(f"replacing a worker actor after {first_line(failure)} "
+                                   f"failed: {type(error).__name__}: {first_line(error)}"
+                                   ) from None  # fmt: skip
+
+    def recover(self, error: Exception) -> None:
+        """After a failed or unanswered step: replace the actors that died, or, when all are
+        alive (the step was only slower than the limit), wait longer next time; then
+        connect them again, so that the step can be redone. Starting and connecting again
+        can fail too (an actor dies meanwhile, or a replacement placed on a node going
+        down): that counts as a restart, and all is done once more."""
+        reconnecting = False
+        if isinstance(error, ray.exceptions.OutOfMemoryError):  # the node is short of memory
+            print(f"distnum: Ray's memory monitor killed a worker actor ({first_line(error)}); "
+                  f"waiting {OOM_WAIT_S:.0f} s for memory before replacing it",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            time.sleep(OOM_WAIT_S)
+        while True:
+            self.links.disconnect(wait_s=60)
+            dead = self.actors.dead()
+            # a connection that ended is a process lost (an actor, or a relay: made anew)
+            if dead or reconnecting or isinstance(error, WorkerLost):
+                self.count_restart(error)
+            else:
+                self.patience *= 4
+            self.actors.replace(dead)
+            try:
+                self.actors.wait_ready()
+                self.links.connect(self.actors)
+                return
+            except (ray.exceptions.RayError, WorkerLost, TimeoutError, DiedStarting) as again:
+                error, reconnecting = again, True
+
+    def count_restart(self, error: Exception) -> None:
+        self.restarts += 1
+        if self.restarts > self.max_restarts:
+            raise WorkerFailed(
+                f"worker actors died {self.restarts} times, more than "
+                f"--max-worker-restarts {self.max_restarts}; last: {first_line(error)}"
+            ) from None
+
+    def close(self) -> None:
+        self.links.disconnect()
+        self.actors.close()
 
 
 def first_line(error: BaseException) -> str:
