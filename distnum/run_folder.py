@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from distnum import checkpoint as checkpoints
@@ -100,6 +101,23 @@ class RunFolder:
                 or checkpoints.TEMPORARY_NAME.fullmatch(p.name)
             )
         return found
+
+    def holds_outputs(self) -> bool:
+        """Whether OUT holds a finished run's outputs (params.npz, summary.json)."""
+        return any((self.out / name).exists() for name in ("params.npz", "summary.json"))
+
+    def holds_run(self, check: Callable[[checkpoints.Checkpoint], None]) -> bool:
+        """Whether OUT holds a run that can go on or is done: its outputs, or a checkpoint
+        that check passes. Without either it holds at most the start of a run killed before
+        its first checkpoint (its metrics.jsonl, the pieces of a checkpoint being written),
+        which a plain run started there takes over."""
+        if self.holds_outputs():
+            return True
+        try:
+            checkpoints.Checkpoints(self.out, run_id="").newest(check)
+        except checkpoints.CheckpointError:
+            return False
+        return True
 
     def remove_run(self) -> int:
         """Remove the files of the run in OUT that distnum wrote (nothing else), for

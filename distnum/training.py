@@ -344,6 +344,67 @@ def writing(out: Path, last_checkpoint: str) -> Iterator[None]:
                           f"{resume_hint(out)}") from None  # fmt: skip
 
 
+def opened(config: TrainConfig, folder: RunFolder,
+           saved_ones: checkpoints.Checkpoints) -> checkpoints.Checkpoint | None:  # fmt: skip
+    """The checkpoint a run with --resume goes on from; for a new run, None, with OUT made
+    ready for it: refused when it holds a run (unless --overwrite), emptied of what a run
+    killed before its first checkpoint left."""
+    out = folder.out
+    if config.resume:
+        try:
+            saved, note = saved_ones.newest(check_checkpoint)
+        except checkpoints.CheckpointError:
+            if folder.run_files() and not folder.holds_outputs():
+                raise checkpoints.CheckpointError(
+                    f"{out} holds no whole checkpoint: its run stopped before its first; "
+                    "start it again with the command that started it, without "
+                    f"{option('resume')} (that replaces what it left)"
+                ) from None
+            raise
+        if note:
+            print(f"distnum: {note}", file=sys.stderr)
+        if saved.out is not None and Path(saved.out) != out.resolve():
+            print(f"distnum: the checkpoint in {out} was written by the run in "
+                  f"{saved.out} (copied or moved here); going on with that run, "
+                  f"here, from step {saved.step}", file=sys.stderr)  # fmt: skip
+        return saved
+    if folder.run_files():
+        if not config.overwrite:  # (with it, what is there goes unread)
+            if folder.holds_run(check_checkpoint):
+                raise RunFolderError(
+                    f"{out} holds a run already; go on with it with {resume_hint(out)}"
+                    f", or start again there with {option('overwrite')}, or give another "
+                    f"{option('out')}"
+                )
+            print(f"distnum: {out} holds the start of a run that stopped before its "
+                  "first checkpoint; starting again there", file=sys.stderr)  # fmt: skip
+        folder.remove_run()
+    return None
+
+
+def check_start(config: TrainConfig, net: MultiLayerNet, x_train: np.ndarray,
+                t_train: np.ndarray) -> None:  # fmt: skip
+    """The weights and the nudge must make sense before anything is computed."""
+    flat = net.flat_params
+    first_loss = net.loss(x_train[: config.batch_size], t_train[: config.batch_size])
+    if not (np.isfinite(flat).all() and math.isfinite(first_loss)):
+        raise ConfigError(
+            f"{option('weight_init_std', config.weight_init_std)} makes the "
+            "initial weights or loss overflow; give one such as 0.01"
+        )
+    try:
+        check_h_against(config.h, flat, "weights")
+    except ValueError as error:
+        largest = float(np.abs(flat).max())
+        if largest > 1e6:  # no net starts with weights this large: their scale is wrong
+            raise ConfigError(
+                f"{option('weight_init_std', config.weight_init_std)} makes initial "
+                f"weights of size {largest:.2g}, next to which {option('h', config.h)} "
+                "vanishes; give one such as 0.01"
+            ) from None
+        raise ConfigError(str(error)) from None
+
+
 class Run:
     """One training run in its folder: the state a checkpoint holds, and how it is saved."""
 
@@ -354,54 +415,9 @@ class Run:
         self.checkpointed = time.monotonic()  # when the last checkpoint was written
         out = self.out
         self.checkpoints = checkpoints.Checkpoints(out, uuid.uuid4().hex)
-        self.saved = None
-        if config.resume:
-            try:
-                self.saved, note = self.checkpoints.newest(check_checkpoint)
-            except checkpoints.CheckpointError:
-                if self.folder.run_files() and not self.has_outputs():
-                    raise checkpoints.CheckpointError(
-                        f"{out} holds no whole checkpoint: its run stopped before its first; "
-                        "start it again with the command that started it, without "
-                        f"{option('resume')} (that replaces what it left)"
-                    ) from None
-                raise
-            if note:
-                print(f"distnum: {note}", file=sys.stderr)
-            if self.saved.out is not None and Path(self.saved.out) != out.resolve():
-                print(f"distnum: the checkpoint in {out} was written by the run in "
-                      f"{self.saved.out} (copied or moved here); going on with that run, "
-                      f"here, from step {self.saved.step}", file=sys.stderr)  # fmt: skip
-        elif self.folder.run_files():
-            if not config.overwrite:  # (with it, what is there goes unread)
-                if self.whole_run():
-                    raise RunFolderError(
-                        f"{out} holds a run already; go on with it with {resume_hint(out)}"
-                        f", or start again there with {option('overwrite')}, or give another "
-                        f"{option('out')}"
-                    )
-                print(f"distnum: {out} holds the start of a run that stopped before its "
-                      "first checkpoint; starting again there", file=sys.stderr)  # fmt: skip
-            self.folder.remove_run()
+        self.saved = opened(config, folder, self.checkpoints)
         self.config = resolved(config, self.saved, out)
         self.last_checkpoint = f"step {self.saved.step}" if self.saved else "none yet"
-
-    def has_outputs(self) -> bool:
-        """Whether OUT holds a finished run's outputs (params.npz, summary.json)."""
-        return any((self.out / name).exists() for name in ("params.npz", "summary.json"))
-
-    def whole_run(self) -> bool:
-        """Whether OUT holds a run that can go on or is done: its outputs, or a valid
-        checkpoint. Without either it holds at most the start of a run killed before its
-        first checkpoint (its metrics.jsonl, the pieces of a checkpoint being written),
-        which a plain run started there takes over."""
-        if self.has_outputs():
-            return True
-        try:
-            checkpoints.Checkpoints(self.out, run_id="").newest(check_checkpoint)
-        except checkpoints.CheckpointError:
-            return False
-        return True
 
     def load(self) -> None:
         """Read the data, set up the net and the minibatch generator at the checkpoint's
@@ -433,7 +449,7 @@ class Run:
                                      weight_rng)  # fmt: skip
         if saved is None:
             with np.errstate(over="ignore", invalid="ignore"):
-                self.check_start(self.net)
+                check_start(self.config, self.net, self.x_train, self.t_train)
         else:
             if saved.flat_params.shape != self.net.flat_params.shape:
                 raise checkpoints.CheckpointError(
@@ -457,27 +473,6 @@ class Run:
             ]
             self.metrics = Metrics(self.out / "metrics.jsonl", saved.step_losses.tolist(),
                                    saved.step_seconds.tolist(), epochs)  # fmt: skip
-
-    def check_start(self, net: MultiLayerNet) -> None:
-        """The weights and the nudge must make sense before anything is computed."""
-        config, flat = self.config, net.flat_params
-        first_loss = net.loss(self.x_train[: config.batch_size], self.t_train[: config.batch_size])
-        if not (np.isfinite(flat).all() and math.isfinite(first_loss)):
-            raise ConfigError(
-                f"{option('weight_init_std', config.weight_init_std)} makes the "
-                "initial weights or loss overflow; give one such as 0.01"
-            )
-        try:
-            check_h_against(config.h, flat, "weights")
-        except ValueError as error:
-            largest = float(np.abs(flat).max())
-            if largest > 1e6:  # no net starts with weights this large: their scale is wrong
-                raise ConfigError(
-                    f"{option('weight_init_std', config.weight_init_std)} makes initial "
-                    f"weights of size {largest:.2g}, next to which {option('h', config.h)} "
-                    "vanishes; give one such as 0.01"
-                ) from None
-            raise ConfigError(str(error)) from None
 
     def settings(self) -> dict:
         values = {name: getattr(self.config, name) for name in DEFAULTS}
