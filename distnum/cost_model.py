@@ -187,7 +187,9 @@ def drawn_steps(
     drawn = [rng.choice(len(x_train), batch_size) for _ in range(steps + WARMUP_STEPS)]
     used, batches = np.unique(drawn, return_inverse=True)
     batches = batches.reshape(len(drawn), batch_size)  # flat before numpy 2
-    return shipped_images(x_train[used]), t_train[used], batches
+    # codes made already are taken as they are, rather than read back and made again
+    x_used = x_train.subset(used) if isinstance(x_train, ImageCodes) else x_train[used]
+    return shipped_images(x_used), t_train[used], batches
 
 
 def ceiling(layout: ParamLayout, flat: np.ndarray, x: np.ndarray | ImageCodes, t: np.ndarray,

@@ -397,6 +397,10 @@ class ImageCodes:
     def __getitem__(self, rows) -> np.ndarray:
         return pixel_values(self.codes[rows], self.normalize)
 
+    def subset(self, rows) -> ImageCodes:
+        """The codes of these rows, still as codes."""
+        return ImageCodes(self.codes[rows], self.normalize)
+
     @property
     def nbytes(self) -> int:
         return self.codes.nbytes

@@ -19,7 +19,8 @@ from pathlib import Path
 from distnum import checkpoint as checkpoints
 from distnum.folders import make_folder, remove_empty
 
-OUTPUTS = ("metrics.jsonl", "params.npz", "summary.json")
+FINAL_OUTPUTS = ("params.npz", "summary.json")  # written when the run ends
+OUTPUTS = ("metrics.jsonl", *FINAL_OUTPUTS)
 LOCK_NAME = ".distnum.lock"
 
 
@@ -104,7 +105,7 @@ class RunFolder:
 
     def holds_outputs(self) -> bool:
         """Whether OUT holds a finished run's outputs (params.npz, summary.json)."""
-        return any((self.out / name).exists() for name in ("params.npz", "summary.json"))
+        return any((self.out / name).exists() for name in FINAL_OUTPUTS)
 
     def holds_run(self, check: Callable[[checkpoints.Checkpoint], None]) -> bool:
         """Whether OUT holds a run that can go on or is done: its outputs, or a checkpoint

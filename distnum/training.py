@@ -413,10 +413,9 @@ class Run:
         self.started = time.perf_counter()
         self.startup_s: float | None = None  # train() called to the first step: data, Ray, actors
         self.checkpointed = time.monotonic()  # when the last checkpoint was written
-        out = self.out
-        self.checkpoints = checkpoints.Checkpoints(out, uuid.uuid4().hex)
+        self.checkpoints = checkpoints.Checkpoints(self.out, uuid.uuid4().hex)
         self.saved = opened(config, folder, self.checkpoints)
-        self.config = resolved(config, self.saved, out)
+        self.config = resolved(config, self.saved, self.out)
         self.last_checkpoint = f"step {self.saved.step}" if self.saved else "none yet"
 
     def load(self) -> None:

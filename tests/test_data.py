@@ -79,6 +79,7 @@ def test_the_training_set_ships_as_uint8_codes_and_reads_back_the_same_bits(mnis
     for picked in (rows, slice(0, 2), slice(59_990, None)):
         assert codes[picked].dtype == np.float64
         assert codes[picked].tobytes() == x_train[picked].tobytes()
+        assert codes.subset(picked)[:].tobytes() == x_train[picked].tobytes()
     # the shards' costs come out the same from either
     density = input_density(x_train)
     assert density.shape == (784,) and 0 < density.mean() < 0.5  # MNIST's black borders
