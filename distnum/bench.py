@@ -198,7 +198,8 @@ def bench_workers(
     for count in worker_counts:
         rng = np.random.default_rng(seed)
         flat = net.flat_params.copy()
-        gradient = ShardedGradient(net.layout, engine, h, x_shipped, t_train, count, nodes=nodes)
+        gradient = ShardedGradient(net.layout, engine, h, x_shipped, t_train, count, nodes=nodes,
+                                   batch_size=batch_size)  # fmt: skip
         transport = gradient.transport
         step_s, compute_s = [], []
         try:

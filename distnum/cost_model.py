@@ -8,13 +8,14 @@ is that they add, neither slowing the other.
 
 - K(N): the compute of a step with N actors, measured without Ray: N processes of their own
   (spawned, so each has its own memory, as an actor has), each with its shard's fast
-  engine, released together each step to compute its slice and its rows of the previous
-  step's loss, as the actors do; the step's compute lasts until the last is done. It is
-  what C / N becomes on this machine: C = K(1), one worker's compute for the whole
-  gradient; f, what every actor computes whatever its shard's size (the batch's forward
-  pass and its pixel values, its units' setup); the cores shared once the actors outnumber
-  them; and what sharing costs (caches refilled, the scheduler's slices, the slowest
-  actor waited for);
+  engine, released together each step to compute its rows of the previous step's loss,
+  its share of the rows of the step's tables (into shared memory, as the actors of a node
+  share them), then, once all are there, its slice, as the actors do; the step's compute
+  lasts until the last is done. It is what C / N becomes on this machine: C = K(1), one
+  worker's compute for the whole gradient; f, what every actor computes whatever its
+  shard's size (gathering the tables' sample values by pixel, its units' setup); the cores
+  shared once the actors outnumber them; and what sharing costs (caches refilled, the
+  scheduler's slices, the slowest actor waited for, twice a step);
 - f is fitted to a process's own CPU time per step, cpu(N) = (cpu(1) - f) / N + f over
   every N; and s = K(cores) / ((C - f) / cores + f), how much slower a step's compute is
   with every core computing than the work's share of one core predicts;
@@ -51,7 +52,10 @@ from distnum.data import ImageCodes, input_density, shipped_images
 from distnum.distributed import cluster_nodes, sample_losses, shard_slice
 from distnum.engines import FastEngine
 from distnum.engines.base import one_blas_thread
+from distnum.engines.unnudged import StepTables
+from distnum.functions import label_indices
 from distnum.models import ParamLayout, TwoLayerNet
+from distnum.node_channel import row_span
 from distnum.sharding import make_shards
 
 if TYPE_CHECKING:
@@ -67,19 +71,23 @@ BANDWIDTHS = {"10 Gbit/s": 10e9 / 8, "25 Gbit/s": 25e9 / 8}  # bytes per second
 
 def shard_steps(number: int, layout: ParamLayout, flat: np.ndarray, x: np.ndarray | ImageCodes,
                 t: np.ndarray, batches: np.ndarray, shares: list[tuple | None], h: float,
-                barriers: list[multiprocessing.synchronize.Barrier],
+                barriers: list[multiprocessing.synchronize.Barrier], tables: list,
                 everyone: multiprocessing.synchronize.Barrier,
                 results: multiprocessing.queues.Queue) -> None:  # fmt: skip
     """In process number `number`, what an actor computes each step (batches (S, B)), for
     each set of shards in turn: its share of the set (its shard's indices and the rows of the
     loss it computes each step), or None when the set has fewer shards than the process's
-    number. A set's steps start when every process is done with the set before; each step
-    once every shard of the set is ready. Puts on results its number and, by set,
+    number. As the actors of a node share the step's tables, the processes of a set share
+    tables[set] (shared memory): each fills its share of the rows, then, when all have,
+    computes its slice from them. A set's steps start when every process is done with the
+    set before; each step once every shard of the set is ready. Puts on results its number
+    and, by set,
     [(started, ended, CPU seconds) per step] or None where it had no share; or the error
     that stopped it; or None when another's error or a timeout broke a barrier."""
     try:
         measured = []
-        for share, barrier in zip(shares, barriers, strict=True):
+        params = layout.views(flat)
+        for share, barrier, buffer in zip(shares, barriers, tables, strict=True):
             # no process still computing the set before, however long its steps take: a set
             # that fails or times out aborts this barrier too
             everyone.wait()
@@ -88,15 +96,22 @@ def shard_steps(number: int, layout: ParamLayout, flat: np.ndarray, x: np.ndarra
                 continue
             indices, loss_rows = share
             engine = FastEngine(layout, indices)
+            shared = StepTables(layout, batches.shape[1], memoryview(buffer))
+            first, stop = row_span(number, barrier.parties, batches.shape[1])
             with one_blas_thread():  # as an actor has: one CPU, and its own thread's time counted
                 shard_slice(engine, len(indices), flat, x[:2], t[:2], h)  # compiled, or loaded
                 times = []
                 for batch, rows in zip(batches, loss_rows, strict=True):
                     barrier.wait(BARRIER_TIMEOUT_S)
                     started, cpu = time.perf_counter(), time.thread_time()
-                    shard_slice(engine, len(indices), flat, x[batch], t[batch], h)
                     sample_losses(layout, flat, x, t, rows)
+                    if stop > first:
+                        shared.fill(params, x[batch[first:stop]], first, h)
+                    barrier.wait(BARRIER_TIMEOUT_S)  # every process's rows filled
+                    labels = label_indices(t[batch], layout.output_size)
+                    engine.from_tables(flat, shared.unnudged(batch.size, labels), h)
                     times.append((started, time.perf_counter(), time.thread_time() - cpu))
+            del shared  # its arrays view the set's shared memory
             measured.append(times)
         results.put((number, measured))
     except BaseException as error:  # the parent reports it; the others' barriers break
@@ -117,6 +132,8 @@ def compute_seconds(layout: ParamLayout, flat: np.ndarray, x: np.ndarray | Image
     shard's process fails."""
     context = multiprocessing.get_context("spawn")
     barriers = [context.Barrier(len(shards)) for shards in shard_sets]
+    table_bytes = StepTables.nbytes(layout, batches.shape[1])
+    tables = [context.RawArray("b", table_bytes) for _ in shard_sets]  # one per set, shared
     processes_needed = max(map(len, shard_sets))
     everyone, results = context.Barrier(processes_needed), context.Queue()
     previous = np.roll(batches, 1, axis=0)  # each step's loss: the step before's batch
@@ -129,7 +146,7 @@ def compute_seconds(layout: ParamLayout, flat: np.ndarray, x: np.ndarray | Image
     processes = [
         context.Process(target=shard_steps, daemon=True,
                         args=(k, layout, flat, x, t, batches, process_shares, h, barriers,
-                              everyone, results))
+                              tables, everyone, results))
         for k, process_shares in enumerate(shares)
     ]  # fmt: skip
     answers: list = []

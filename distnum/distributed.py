@@ -36,8 +36,17 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from distnum import node_channel
 from distnum.data import ImageCodes, input_density, shipped_images
-from distnum.engines import EngineFactory, make_engine
-from distnum.models import ParamLayout, checked_batch, per_sample_losses, total_loss
+from distnum.engines import EngineFactory, make_engine, shares_tables
+from distnum.engines.base import checked_params
+from distnum.engines.unnudged import StepTables
+from distnum.functions import label_indices
+from distnum.models import (
+    ParamLayout,
+    checked_batch,
+    checked_inputs,
+    per_sample_losses,
+    total_loss,
+)
 from distnum.node_channel import (
     ChannelUnavailable,
     HostLink,
@@ -145,6 +154,7 @@ class GradientWorker:
         self.engine = make_engine(engine, layout, indices)
         self.size, self.h, self.x_train, self.t_train = len(indices), h, x_train, t_train
         self.layout, self.indices = layout, np.asarray(indices, dtype=np.int64)
+        self.tables: StepTables | None = None  # shared with the node's actors, while serving
 
     def ready(self) -> str:
         """Compiles the kernels (or loads them from numba's cache) with one small call, on
@@ -167,11 +177,30 @@ class GradientWorker:
         flat, rows = step
         return sample_losses(self.layout, flat, self.x_train, self.t_train, rows)
 
-    def serve(self, address: str, path: str, max_batch: int, worker: int, place: slice) -> None:
+    def share_tables(self, buffer: memoryview | None, rows: int = 0) -> None:
+        """The tables of up to rows samples the node's actors share, in buffer (None: no
+        more)."""
+        self.tables = None if buffer is None else StepTables(self.layout, rows, buffer)
+
+    def fill_tables(self, flat: np.ndarray, batch: np.ndarray, first: int, stop: int) -> None:
+        """Rows first:stop of the shared tables for (parameters, batch indices)."""
+        x = checked_inputs(self.layout, self.x_train[batch[first:stop]])
+        self.tables.fill(self.layout.views(checked_params(flat)), x, first, self.h)
+
+    def slice_from_tables(self, flat: np.ndarray, batch: np.ndarray) -> np.ndarray:
+        """The shard's slice from the shared tables, every row filled."""
+        labels = label_indices(self.t_train[batch], self.layout.output_size)
+        return self.engine.from_tables(flat, self.tables.unnudged(batch.size, labels), self.h)
+
+    def serve(self, address: str, path: str, max_batch: int, actors: int, table_rows: int,
+              worker: int, place: slice) -> None:  # fmt: skip
         """Steps from its node's NodeChannel (the driver's, or a relay's), until it closes
-        the connection; its slice goes to place among the slices of all shards."""
-        node_channel.serve(address, path, self.layout.size, max_batch, worker, place,
-                           self.gradient_slice, self.per_sample_losses)  # fmt: skip
+        the connection; its slice goes to place among the slices of all shards. The node's
+        actors (actors of them) share the tables of batches of up to table_rows samples,
+        if table_rows."""
+        table_bytes = StepTables.nbytes(self.layout, table_rows) if table_rows else 0
+        node_channel.serve(address, path, self.layout.size, max_batch, actors, table_rows,
+                           table_bytes, worker, place, self)  # fmt: skip
 
 
 @ray.remote(max_concurrency=2)  # discard() while serve() waits
@@ -180,9 +209,10 @@ class HostRelay:
     actors, and a TCP port for the driver, which sends each step here once."""
 
     def __init__(self, size: int, max_batch: int, workers: list[int], places: list[slice],
-                 secret: bytes) -> None:  # fmt: skip
-        """workers: the numbers of the node's actors, places: where their slices go."""
-        self.channel = NodeChannel(size, max_batch, workers)
+                 secret: bytes, table_rows: int, table_bytes: int) -> None:  # fmt: skip
+        """workers: the numbers of the node's actors, places: where their slices go;
+        table_rows, table_bytes: the tables they share, as NodeChannel takes them."""
+        self.channel = NodeChannel(size, max_batch, workers, None, table_rows, table_bytes)
         try:
             self.listener = socket.create_server((ray.util.get_node_ip_address(), 0))
         except OSError:
@@ -328,8 +358,10 @@ class StepLinks:
     cluster (Ray Client) or actors that cannot use them, a Ray Compiled Graph."""
 
     def __init__(self, layout: ParamLayout, max_batch: int, shard_indices: np.ndarray,
-                 places: list[slice]) -> None:  # fmt: skip
-        self.layout, self.max_batch = layout, max_batch
+                 places: list[slice], table_rows: int) -> None:  # fmt: skip
+        """table_rows: the most samples of a batch whose tables the actors of a node share
+        (each computes its share of the rows, unnudged.StepTables), 0 for none."""
+        self.layout, self.max_batch, self.table_rows = layout, max_batch, table_rows
         self.shard_indices, self.places = shard_indices, places
         self.graph = None
         self.channel: NodeChannel | None = None
@@ -352,19 +384,22 @@ class StepLinks:
         """The driver's NodeChannel for the actors on its node, and a HostRelay on each other
         node with actors, connected to it; ChannelUnavailable when an actor or a relay
         cannot serve."""
-        size, max_batch = self.layout.size, self.max_batch
+        size, max_batch, table_rows = self.layout.size, self.max_batch, self.table_rows
+        table_bytes = StepTables.nbytes(self.layout, table_rows) if table_rows else 0
         on_node = collections.defaultdict(list)
         for k, node in enumerate(actors.nodes):
             on_node[node].append(k)
         here = ray.get_runtime_context().get_node_id()
-        self.channel = NodeChannel(size, max_batch, on_node.pop(here, []), self.shard_indices)
+        self.channel = NodeChannel(size, max_batch, on_node.pop(here, []), self.shard_indices,
+                                   table_rows, table_bytes)  # fmt: skip
         secret = secrets.token_bytes(node_channel.SECRET_BYTES)
         hosts = []  # (its workers, where their slices go), one per relay
         for node, workers in on_node.items():
             places = [self.places[k] for k in workers]
             placed = NodeAffinitySchedulingStrategy(node_id=node, soft=False)
             self.relays.append(HostRelay.options(num_cpus=0, scheduling_strategy=placed)
-                               .remote(size, max_batch, workers, places, secret))  # fmt: skip
+                               .remote(size, max_batch, workers, places, secret, table_rows,
+                                       table_bytes))  # fmt: skip
             hosts.append((workers, places))
         try:
             endpoints = ray.get([relay.endpoints.remote() for relay in self.relays])
@@ -377,9 +412,9 @@ class StepLinks:
             meetings.append((path, address, workers))
         for path, address, workers in meetings:
             for k in workers:
-                self.serving.append(
-                    actors.handles[k].serve.remote(address, path, max_batch, k, self.places[k])
-                )
+                self.serving.append(actors.handles[k].serve.remote(
+                    address, path, max_batch, len(workers), table_rows, k, self.places[k]
+                ))  # fmt: skip
         self.serving += [relay.serve.remote() for relay in self.relays]
         # an actor's (or a relay's) serve() ends early only when it cannot serve, or died
         channel.accept(CONNECT_TIMEOUT_S, failed=self.serving_ended)
@@ -470,12 +505,15 @@ class ShardedGradient:
     def __init__(
         self, layout: ParamLayout, engine: str | EngineFactory, h: float,
         x_train: np.ndarray | ImageCodes, t_train: np.ndarray, num_workers: int,
-        max_restarts: int = 3, nodes: list[str] | None = None,
+        max_restarts: int = 3, nodes: list[str] | None = None, batch_size: int = 0,
     ) -> None:  # fmt: skip
         """x_train (N, D): float64 rows, or their codes (shipped_images) when the caller makes
         several; nodes: the Ray node ids to place the actors on, worker k on
         nodes[k % len(nodes)] (`distnum bench --model` measures one node and several);
-        default: spread by Ray."""
+        default: spread by Ray. batch_size: the steps' batches' size, if known: the actors
+        of a node then share the fast engine's tables of a batch (each computes its share of
+        the rows once, and not every actor all of them); larger batches work too, each
+        actor computing all of its own."""
         shards = make_shards(layout, input_density(x_train), num_workers)
         shard_indices = np.concatenate(shards)  # where each gathered value belongs
         bounds = np.cumsum([0, *map(len, shards)])
@@ -485,7 +523,8 @@ class ShardedGradient:
         actor_args = (engine, layout, h, ray.put(shipped), ray.put(t_train))
         self.actors = WorkerActors(actor_args, shards, nodes)
         # train() refuses batches larger than the training set
-        self.links = StepLinks(layout, len(x_train), shard_indices, places)
+        table_rows = min(batch_size, len(x_train)) if shares_tables(engine) else 0
+        self.links = StepLinks(layout, len(x_train), shard_indices, places, table_rows)
         self.num_workers, self.max_restarts, self.restarts = num_workers, max_restarts, 0
         self.layout, self.x_train, self.t_train = layout, x_train, t_train
         self.expected_compute_s = self.slowest_compute_s = 0.0

@@ -34,9 +34,11 @@ from pathlib import Path
 import numpy as np
 
 SHARED_DIR = Path("/dev/shm")
-# driver -> actor: whether to compute the gradient, the batch's size, and the first and stop
-# rows of the loss batch whose per-sample losses this actor computes
-GO = struct.Struct("<qqqq")
+# driver -> actor: whether to compute the gradient, the batch's size, the first and stop
+# rows of the loss batch whose per-sample losses this actor computes, the step's number, and
+# the actor's place among the node's actors that share the step's tables and their number (0:
+# none shared, each computes its own)
+GO = struct.Struct("<qqqqqqq")
 DONE = struct.Struct("<Bdq")  # actor -> driver: failed?, seconds computing, message bytes
 HELLO = struct.Struct("<q")  # actor -> driver on connecting: its worker number
 HELLO_TIMEOUT_S = 10.0
@@ -45,6 +47,10 @@ HELLO_TIMEOUT_S = 10.0
 REQUEST = struct.Struct("<qqqd")
 READY = b"R"  # relay -> driver, once every actor of its node is connected
 SECRET_BYTES = 32
+# an actor waiting for the others' rows of the tables: at first it only yields its core, then
+# naps, so that an actor that shares its core with another (more actors than cores) gives it
+SPIN_S = 100e-6
+NAP_S = 50e-6
 
 
 class WorkerLost(RuntimeError):
@@ -60,6 +66,11 @@ class ChannelUnavailable(RuntimeError):
     """An actor could not open the channel: a compiled graph must carry the steps."""
 
 
+class StepGivenUp(Exception):
+    """The driver closed an actor's connection while it waited for the other actors of its
+    node: it gave the step up."""
+
+
 class WorkerRaised(RuntimeError):
     """The actor's engine raised; the message is its type and first line."""
 
@@ -70,28 +81,33 @@ def available() -> bool:
 
 class SharedStep:
     """The mapped file: parameters (size,) float64, the slices (size,) float64 (worker 0's
-    shard, worker 1's, ...: the gradient in shard order), batch
-    (max_batch,) int64, loss batch (max_batch,) int64 and its per-sample losses (max_batch,)
-    float64, in that order."""
+    shard, worker 1's, ...: the gradient in shard order), batch (max_batch,) int64, loss batch
+    (max_batch,) int64 and its per-sample losses (max_batch,) float64, the step each of the
+    node's actors has done its rows of the tables for (actors,) int64 (minus it if they
+    failed), then the tables (table_bytes), in that order."""
 
-    def __init__(self, path: str, size: int, max_batch: int) -> None:
+    def __init__(self, path: str, size: int, max_batch: int, actors: int,
+                 table_bytes: int) -> None:  # fmt: skip
         self.path, self.size, self.max_batch = path, size, max_batch
         with open(path, "r+b") as file:
-            self.map = mmap.mmap(file.fileno(), bytes_for(size, max_batch))
+            self.map = mmap.mmap(file.fileno(), bytes_for(size, max_batch, actors, table_bytes))
         self.params = np.frombuffer(self.map, np.float64, size, 0)
         self.slices = np.frombuffer(self.map, np.float64, size, 8 * size)
         self.batch = np.frombuffer(self.map, np.int64, max_batch, 16 * size)
         self.loss_batch = np.frombuffer(self.map, np.int64, max_batch, 8 * (2 * size + max_batch))
         self.losses = np.frombuffer(self.map, np.float64, max_batch,
                                     8 * (2 * size + 2 * max_batch))  # fmt: skip
+        self.done_rows = np.frombuffer(self.map, np.int64, actors,
+                                       8 * (2 * size + 3 * max_batch))  # fmt: skip
+        self.tables = memoryview(self.map)[tables_offset(size, max_batch, actors) :]
 
     @classmethod
-    def create(cls, size: int, max_batch: int) -> SharedStep:
+    def create(cls, size: int, max_batch: int, actors: int, table_bytes: int) -> SharedStep:
         descriptor, path = tempfile.mkstemp(prefix=f"distnum-step-{os.getpid()}-",
                                             dir=SHARED_DIR)  # fmt: skip
         try:  # allocated now: a full /dev/shm is an error here, not a SIGBUS at a step
-            os.posix_fallocate(descriptor, 0, bytes_for(size, max_batch))
-            return cls(path, size, max_batch)
+            os.posix_fallocate(descriptor, 0, bytes_for(size, max_batch, actors, table_bytes))
+            return cls(path, size, max_batch, actors, table_bytes)
         except OSError as error:
             os.unlink(path)
             raise ChannelUnavailable(f"no room in {SHARED_DIR}: {error}") from None
@@ -105,16 +121,21 @@ class SharedStep:
             pass  # unlinked already
 
     def close(self) -> None:
-        for view in ("params", "slices", "batch", "loss_batch", "losses"):  # views go first
-            self.__dict__.pop(view, None)
+        for view in ("params", "slices", "batch", "loss_batch", "losses", "done_rows"):
+            self.__dict__.pop(view, None)  # views go first
         try:
+            self.tables.release()
             self.map.close()
         except BufferError:  # a view still held (by a traceback, say): unmapped with it
             pass
 
 
-def bytes_for(size: int, max_batch: int) -> int:
-    return 8 * (2 * size + 3 * max_batch)
+def tables_offset(size: int, max_batch: int, actors: int) -> int:
+    return -(-8 * (2 * size + 3 * max_batch + actors) // 64) * 64  # a cache line's start
+
+
+def bytes_for(size: int, max_batch: int, actors: int, table_bytes: int) -> int:
+    return tables_offset(size, max_batch, actors) + max(table_bytes, 1)
 
 
 class NodeChannel:
@@ -122,11 +143,15 @@ class NodeChannel:
     connection per worker actor of the node, and one per relay of another node."""
 
     def __init__(self, size: int, max_batch: int, workers: Sequence[int],
-                 order: np.ndarray | None = None) -> None:  # fmt: skip
+                 order: np.ndarray | None = None, table_rows: int = 0,
+                 table_bytes: int = 0) -> None:  # fmt: skip
         """workers: the numbers of the node's actors; order: where each value of the slices
-        belongs in the gradient (the shards concatenated), for gradient()."""
-        self.shared = SharedStep.create(size, max_batch)
-        self.order = order
+        belongs in the gradient (the shards concatenated), for gradient(); table_bytes: room
+        for the tables of a batch of up to table_rows samples, which the actors then share
+        (each computes its share of the rows), else 0."""
+        self.shared = SharedStep.create(size, max_batch, len(workers), table_bytes)
+        self.order, self.table_rows = order, table_rows if table_bytes else 0
+        self.steps = 0  # requests sent, each one's number in its GO
         self.connections: dict[int, socket.socket | None] = dict.fromkeys(workers)
         self.hosts: list[HostLink] = []
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -218,10 +243,14 @@ class NodeChannel:
         bounds = np.rint(np.cumsum([0, *actors]) * (loss_batch.size / sum(actors)))
         spans = list(itertools.pairwise(bounds.astype(np.int64)))
         local_spans, host_spans = spans[: len(self.connections)], spans[len(self.connections) :]
-        for (worker, connection), (first, stop) in zip(self.connections.items(), local_spans,
-                                                        strict=True):  # fmt: skip
+        self.steps += 1
+        sharing = len(self.connections) if 0 < batch.size <= self.table_rows else 0
+        for place, ((worker, connection), (first, stop)) in enumerate(
+            zip(self.connections.items(), local_spans, strict=True)
+        ):
             try:
-                connection.sendall(GO.pack(batch.size > 0, batch.size, first, stop))
+                connection.sendall(GO.pack(batch.size > 0, batch.size, first, stop, self.steps,
+                                           place, sharing))  # fmt: skip
             except OSError:
                 raise WorkerLost(worker) from None
         for host, (first, stop) in zip(self.hosts, host_spans, strict=True):
@@ -422,31 +451,46 @@ def receive(connection: socket.socket, count: int) -> bytes:
     return data
 
 
-def serve(address: str, path: str, size: int, max_batch: int, worker: int, place: slice,
-          gradient_slice, losses) -> None:  # fmt: skip
+def serve(address: str, path: str, size: int, max_batch: int, actors: int, table_rows: int,
+          table_bytes: int, worker: int, place: slice, work) -> None:  # fmt: skip
     """The actor's end, until the driver closes the connection. Per request: the per-sample
-    losses((flat, rows)) of its share of the loss batch's rows, if any, and the slice
-    gradient_slice((flat, batch)) -> (slice, seconds), if asked, copied to its place among
-    the slices."""
-    shared = SharedStep(path, size, max_batch)
+    losses of its share of the loss batch's rows, if any, and its slice, if asked, copied to
+    its place among the slices. work is the actor's GradientWorker: its
+    per_sample_losses((flat, rows)) and gradient_slice((flat, batch)) -> (slice, seconds),
+    and, where the node's actors share the step's tables (of up to table_rows samples),
+    share_tables(buffer, table_rows) once, fill_tables(flat, batch, first, stop) for its
+    rows and slice_from_tables(flat, batch)."""
+    shared = SharedStep(path, size, max_batch, actors, table_bytes)
     params = shared.params[:]
     params.flags.writeable = False  # as the compiled graph hands them over: read-only
+    if table_rows:
+        work.share_tables(shared.tables, table_rows)
     connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         connection.connect(address)
         connection.sendall(HELLO.pack(worker))
         while True:
-            wanted, batch_size, first, stop = GO.unpack(receive(connection, GO.size))
+            wanted, batch_size, first, stop, step, among, sharing = GO.unpack(
+                receive(connection, GO.size))  # fmt: skip
             started = time.perf_counter()
             try:
                 if stop > first:  # more actors than rows leaves some with none
                     rows = shared.loss_batch[first:stop].copy()
-                    shared.losses[first:stop] = losses((params, rows))
+                    shared.losses[first:stop] = work.per_sample_losses((params, rows))
                 seconds = time.perf_counter() - started  # computing, as the slice's below
                 if wanted:
-                    grad, slice_s = gradient_slice((params, shared.batch[:batch_size].copy()))
+                    batch = shared.batch[:batch_size].copy()
+                    if sharing:
+                        fill_shared_rows(work, params, batch, shared.done_rows[:sharing],
+                                         step, among, connection)  # fmt: skip
+                        grad = work.slice_from_tables(params, batch)
+                        seconds = time.perf_counter() - started
+                    else:
+                        grad, slice_s = work.gradient_slice((params, batch))
+                        seconds += slice_s
                     shared.slices[place] = grad
-                    seconds += slice_s
+            except StepGivenUp:
+                return
             except Exception as error:
                 lines = str(error).strip().splitlines()
                 message = f"{type(error).__name__}: {lines[0] if lines else ''}".encode()
@@ -458,4 +502,39 @@ def serve(address: str, path: str, size: int, max_batch: int, worker: int, place
     finally:
         connection.close()
         del params
+        work.share_tables(None)
         shared.close()
+
+
+def row_span(place: int, parts: int, rows: int) -> tuple[int, int]:
+    """The first and stop row of the place-th of parts equal shares of rows."""
+    first, stop = np.rint(np.array([place, place + 1]) * (rows / parts)).astype(np.int64)
+    return int(first), int(stop)
+
+
+def fill_shared_rows(work, params: np.ndarray, batch: np.ndarray, done_rows: np.ndarray,
+                     step: int, among: int, connection: socket.socket) -> None:  # fmt: skip
+    """This actor's rows of the step's tables (the among-th share of done_rows.size), then
+    a wait until every actor sharing them has done its own. StepGivenUp when the driver
+    closes the connection meanwhile (an actor of the node died, say)."""
+    first, stop = row_span(among, done_rows.size, batch.size)
+    try:
+        if stop > first:
+            work.fill_tables(params, batch, first, stop)
+    except BaseException:
+        done_rows[among] = -step
+        raise
+    done_rows[among] = step  # x86-64 stores are seen in order: the rows before the mark
+    poller = select.poll()
+    poller.register(connection, select.POLLIN)
+    spin_until = time.perf_counter() + SPIN_S
+    while not np.all(done_rows == step):
+        if np.any(done_rows == -step):
+            raise RuntimeError("another worker actor of this node failed on its rows of the "
+                               "step's tables")  # fmt: skip
+        if poller.poll(0):  # the driver sends nothing during a step: it closed the connection
+            raise StepGivenUp
+        if time.perf_counter() < spin_until:
+            os.sched_yield()
+        else:  # a core shared with an actor still computing: leave it to that one
+            time.sleep(NAP_S)

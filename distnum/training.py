@@ -653,7 +653,8 @@ def make_gradient(run: Run):
         if note:
             print(f"distnum: {note}", file=sys.stderr)
         gradient = ShardedGradient(net.layout, config.engine, config.h, run.x_train,
-                                   run.t_train, workers, config.max_worker_restarts)  # fmt: skip
+                                   run.t_train, workers, config.max_worker_restarts,
+                                   batch_size=config.batch_size)  # fmt: skip
     except BaseException:
         disconnect(owns_ray)
         raise

@@ -5,8 +5,11 @@ import pytest
 
 from distnum.engines import FastEngine, FullEngine, make_engine
 from distnum.engines.sample_values import input_entries
+from distnum.engines.unnudged import StepTables
+from distnum.functions import label_indices
 from distnum.gradcheck import sample_indices, train_with_backprop
-from distnum.models import TwoLayerNet
+from distnum.models import MultiLayerNet, TwoLayerNet
+from distnum.node_channel import row_span
 
 H = 1e-4
 
@@ -66,6 +69,34 @@ def test_shards_give_the_same_bits(net, mnist_batch, partition):
     shards = shard_partitions(layout.size, layout.hidden_sizes[0])[partition]
     for shard in shards:
         gathered[shard] = FastEngine(layout, shard)(net.flat_params, x, t, H)
+    assert np.array_equal(gathered, whole)
+
+
+@pytest.mark.parametrize("shares", [2, 3, 7])
+@pytest.mark.parametrize("kind", ["784-50-10 sigmoid", "784-30-20-10 relu, decay"])
+def test_tables_filled_in_shares_of_rows_give_the_same_bits(mnist_batch, kind, shares):
+    """As the actors of a node fill the step's tables: each its share of the rows, through
+    tables of its own over one buffer; every shard's slice from them, then, has the bits of
+    one process's whole gradient (7 shares of 6 rows: some have none)."""
+    x, t = mnist_batch
+    x, t = (x[:6], t[:6]) if shares == 7 else (x, t)
+    if kind.startswith("784-50-10"):
+        net = TwoLayerNet(784, 50, 10, seed=5)
+    else:
+        net = MultiLayerNet(784, [30, 20], 10, activation="relu", weight_decay_lambda=0.1,
+                            seed=5)  # fmt: skip
+    layout = net.layout
+    whole = FastEngine(layout, all_indices(net))(net.flat_params, x, t, H)
+    buffer = bytearray(StepTables.nbytes(layout, x.shape[0]))
+    params = layout.views(net.flat_params)
+    for k in range(shares):
+        first, stop = row_span(k, shares, x.shape[0])
+        if stop > first:
+            StepTables(layout, x.shape[0], buffer).fill(params, x[first:stop], first, H)
+    base = StepTables(layout, x.shape[0], buffer).unnudged(x.shape[0], label_indices(t, 10))
+    gathered = np.full(layout.size, np.nan)
+    for shard in np.array_split(all_indices(net), shares):
+        gathered[shard] = FastEngine(layout, shard).from_tables(net.flat_params, base, H)
     assert np.array_equal(gathered, whole)
 
 

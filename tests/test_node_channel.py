@@ -23,27 +23,48 @@ ORDER = np.concatenate(SHARDS)  # where each value of the slices belongs
 PLACES = [slice(0, 5), slice(5, 10)]  # each shard's slice among them
 
 
-def gradient_slice(shard: np.ndarray):
-    def compute(step):
+class Work:
+    """What an actor's GradientWorker does for serve(), in miniature: its slice is
+    flat[shard] * batch.sum(), its losses rows * 0.5 + flat[0]; with tables shared, each
+    actor writes 2 * batch[n] into its rows n of one table, and reads the whole of it."""
+
+    def __init__(self, shard: np.ndarray, hold: threading.Event | None = None) -> None:
+        self.shard, self.hold = shard, hold  # hold: filling its rows waits for it
+        self.table, self.filled = None, []
+
+    def gradient_slice(self, step):
         flat, batch = step
         if batch[0] < 0:
             raise ArithmeticError("a negative sample\nsecond line")
-        return flat[shard] * batch.sum(), 0.001
+        return flat[self.shard] * batch.sum(), 0.001
 
-    return compute
+    def per_sample_losses(self, step):
+        flat, rows = step
+        return rows * 0.5 + flat[0]
+
+    def share_tables(self, buffer, rows: int = 0) -> None:
+        self.table = None if buffer is None else np.frombuffer(buffer, np.float64, rows)
+
+    def fill_tables(self, flat, batch, first: int, stop: int) -> None:
+        if self.hold is not None:
+            self.hold.wait()
+        if np.any(batch[first:stop] < 0):
+            raise ArithmeticError("a negative sample in my rows")
+        self.table[first:stop] = 2.0 * batch[first:stop]
+        self.filled.append((first, stop))
+
+    def slice_from_tables(self, flat, batch):
+        return flat[self.shard] * (self.table[: batch.size].sum() / 2.0)
 
 
-def losses(step):
-    flat, rows = step
-    return rows * 0.5 + flat[0]
-
-
-def start_actors(channel: NodeChannel, workers: list[int]) -> list[threading.Thread]:
-    """An actor's serving, in a thread, for each worker number."""
+def start_actors(channel: NodeChannel, workers: list[int], works: list[Work] | None = None,
+                 table_rows: int = 0) -> list[threading.Thread]:  # fmt: skip
+    """An actor's serving, in a thread, for each worker number (with tables of table_rows
+    samples shared by those of the channel, if table_rows)."""
     actors = []
-    for k in workers:
-        args = (channel.address, channel.shared.path, SIZE, MAX_BATCH, k, PLACES[k],
-                gradient_slice(SHARDS[k]), losses)  # fmt: skip
+    for k, work in zip(workers, works or [Work(SHARDS[k]) for k in workers], strict=True):
+        args = (channel.address, channel.shared.path, SIZE, MAX_BATCH, len(channel.connections),
+                table_rows, 8 * table_rows, k, PLACES[k], work)  # fmt: skip
         actors.append(threading.Thread(target=node_channel.serve, args=args))
         actors[-1].start()
     return actors
@@ -104,6 +125,60 @@ def test_accept_gives_up_when_an_actor_cannot_serve():
     finally:
         channel.close()
     assert not Path(channel.shared.path).exists()
+
+
+# --- tables shared by a node's actors ----------------------------------------------------
+
+
+@contextlib.contextmanager
+def sharing(holds: list[threading.Event | None]):
+    """A channel whose two actors share tables of MAX_BATCH rows; holds[k]: what actor k's
+    filling of its rows waits for. Gives the channel and the two Works."""
+    channel = NodeChannel(SIZE, MAX_BATCH, [0, 1], ORDER, MAX_BATCH, 8 * MAX_BATCH)
+    works = [Work(SHARDS[k], hold) for k, hold in enumerate(holds)]
+    actors = start_actors(channel, [0, 1], works, MAX_BATCH)
+    try:
+        channel.accept(timeout_s=30, failed=lambda: False)
+        yield channel, works
+    finally:
+        for hold in holds:  # (a test that failed may have left one waiting)
+            if hold is not None:
+                hold.set()
+        channel.close()
+    assert joined(actors)
+
+
+def test_each_actor_fills_its_share_of_the_rows_and_reads_them_all():
+    with sharing([None, None]) as (channel, works):
+        flat = np.arange(SIZE, dtype=np.float64)
+        for batch in (np.array([1, 2, 3, 4, 5, 6, 7]), np.array([5]), np.array([3, 1])):
+            grad, _, _ = channel.gradient(flat, batch, None, 0.0, 10)
+            assert np.array_equal(grad, flat * batch.sum())
+        # 7 rows as 4 + 3 (rounded halves), 1 row as 0 + 1 (one has none), 2 as 1 + 1
+        assert works[0].filled == [(0, 4), (0, 1)] and works[1].filled == [(4, 7), (0, 1), (1, 2)]
+        # a batch larger than the tables: each actor computes all of its own, as before
+        channel.table_rows = 4
+        grad, _, _ = channel.gradient(flat, np.array([1, 2, 3, 4, 5]), None, 0.0, 10)
+        assert np.array_equal(grad, flat * 15) and len(works[0].filled) == 2
+
+
+def test_one_actors_rows_failing_frees_the_other():
+    """Actor 1's rows raise while actor 0 waits for them: both answer, at once."""
+    with sharing([None, None]) as (channel, _):
+        started = time.monotonic()
+        with pytest.raises(WorkerRaised, match="negative sample in my rows|failed on its rows"):
+            channel.gradient(np.zeros(SIZE), np.array([1, 2, 3, -4]), None, 0.0, 10)
+        assert time.monotonic() - started < 5
+
+
+def test_the_driver_giving_a_step_up_frees_an_actor_waiting_for_rows():
+    """Actor 1 never fills its rows (its process stopped, say): the driver's limit passes,
+    it closes the channel, and actor 0, waiting for those rows, ends its serving."""
+    hold = threading.Event()
+    with sharing([None, hold]) as (channel, works):
+        with pytest.raises(TimeoutError):
+            channel.gradient(np.zeros(SIZE), np.array([1, 2]), None, 0.0, 0.5)
+        assert works[0].filled == [(0, 1)] and not works[1].filled
 
 
 @contextlib.contextmanager

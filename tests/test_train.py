@@ -224,8 +224,8 @@ def test_actors_without_the_channel_get_a_compiled_graph(ray_session, mnist, mon
 
     created = []
 
-    def unreachable(size: int, max_batch: int) -> node_channel.SharedStep:
-        shared = real_create(size, max_batch)
+    def unreachable(*args) -> node_channel.SharedStep:
+        shared = real_create(*args)
         created.append(shared.path)
         shared.path = str(tmp_path / "elsewhere")  # what the actors are told to open
         return shared

@@ -40,6 +40,11 @@ class Engine(Protocol):
 EngineFactory = Callable[[ParamLayout, np.ndarray], Engine]
 
 
+def shares_tables(engine: str | EngineFactory) -> bool:
+    """Whether the engine's shards can share the step's tables (FastEngine.from_tables)."""
+    return engine == "fast" or engine is FastEngine
+
+
 def make_engine(engine: str | EngineFactory, layout: ParamLayout, indices: np.ndarray) -> Engine:
     """The engine for the flat parameter indices of a shard: "fast", "full", or any factory
     (layout, indices) -> engine, such as an engine class of your own."""

@@ -2,8 +2,9 @@
 the exact change it makes (the delta form, deltas.py), reusing everything the nudge leaves
 alone (DESIGN.md sections 3, 10 and 11).
 
-Per call: the unnudged pass and its tables (unnudged.py), then, over only the indices of
-the shard, the kernel of each layer the shard's indices fall in:
+Per call: the unnudged pass and its tables (unnudged.py; over Ray, filled by the node's
+actors together, and from_tables is called), then, over only the indices of the shard, the
+kernel of each layer the shard's indices fall in:
     lower_hidden_layers.py  a hidden layer below the last: its unit, and every layer above
     last_hidden_layer.py    the last hidden layer (W1, b1 of the chapter's net): its unit,
                             and the logits by d * W_{L+1}[j, :]
@@ -22,10 +23,10 @@ from numba.typed import List
 from distnum.engines import last_hidden_layer, lower_hidden_layers, output_layer
 from distnum.engines.base import ShardEngine, checked_params
 from distnum.engines.sample_values import input_entries
-from distnum.engines.unnudged import Unnudged, by_moments, largest_change, moment_table, unnudged
+from distnum.engines.unnudged import StepTables, Unnudged, by_moments, largest_change
 from distnum.gradient import check_h
 from distnum.models import ParamLayout, checked_batch, checked_inputs, forward
-from distnum.vecmath import DEGREE, SERIES_MAX
+from distnum.vecmath import SERIES_MAX
 
 
 class HiddenRequests(NamedTuple):
@@ -88,6 +89,7 @@ class FastEngine(ShardEngine):
             weights[slices[f"W{layer}"]] = True
         self.weight_slot = np.flatnonzero(weights[indices])
         self.weight_index = indices[self.weight_slot]
+        self.tables: StepTables | None = None  # this process's, for calls with a batch
 
     def work(self, flat: np.ndarray, x: np.ndarray) -> dict[str, int]:
         """What one call at the parameters flat on the batch x (B, I) evaluates at most (a
@@ -118,10 +120,17 @@ class FastEngine(ShardEngine):
         """g (len(indices),) for the parameters flat (layout.size,), a batch x (B, I) and its
         labels, class indices (B,) or one-hot rows (B, K)."""
         h = check_h(h)
+        params = self.layout.views(checked_params(flat))
+        x, labels = checked_batch(self.layout, x, labels)
+        if self.tables is None or self.tables.capacity < x.shape[0]:  # kept: 1-2 MB each time
+            self.tables = StepTables(self.layout, x.shape[0])
+        self.tables.fill(params, x, 0, h)
+        return self.from_tables(flat, self.tables.unnudged(x.shape[0], labels), h)
+
+    def from_tables(self, flat: np.ndarray, base: Unnudged, h: float) -> np.ndarray:
+        """g as __call__ gives it, from the batch's tables at flat (unnudged.py), checked."""
         layout = self.layout
         params = layout.views(checked_params(flat))
-        x, labels = checked_batch(layout, x, labels)
-        base = unnudged(layout, params, x, labels, h)  # what every nudge starts from
         sums = np.zeros(self.size)
         if self.hidden:
             self.lower_layers(params, base, h, sums)
@@ -129,7 +138,7 @@ class FastEngine(ShardEngine):
             self.last_layer(params, base, h, sums)
         if self.output_slot.size:
             self.output_layer(base, h, sums)
-        gradient = sums / (2.0 * h * x.shape[0])
+        gradient = sums / (2.0 * h * base.labels.size)
         if layout.weight_decay and self.weight_slot.size:
             decay = layout.weight_decay
             w = flat[self.weight_index]
@@ -143,7 +152,7 @@ class FastEngine(ShardEngine):
         relu = layout.activation == "relu"
         tables = List()  # by unit: a, z, s r and r of each hidden layer (B columns)
         for k in range(depth - 1):
-            a, z = base.pre[k], base.inputs[k + 1]
+            a, z = base.pre[k], base.hidden[k]
             r = np.zeros_like(a) if relu else base.rest[k]
             tables.append(np.ascontiguousarray(np.stack([a.T, z.T, (z * r).T, r.T])))
         probabilities = np.ascontiguousarray(base.probabilities.T)
@@ -151,7 +160,7 @@ class FastEngine(ShardEngine):
             layer = requests.layer
             lower_hidden_layers.loss_differences(
                 requests.unit_start, requests.pixel, requests.slot,
-                *input_entries(base.inputs[layer - 1]), layer - 1, tables,
+                *base.entries[layer - 1], layer - 1, tables,
                 List([params[f"W{k}"] for k in range(layer + 1, depth + 1)]),
                 probabilities, base.labels, relu, h, sums,
             )  # fmt: skip
@@ -160,8 +169,7 @@ class FastEngine(ShardEngine):
         """The nudges of the last hidden layer, into sums."""
         layout, depth = self.layout, self.layout.depth
         relu = layout.activation == "relu"
-        layer_input = base.inputs[depth - 2]
-        a, z = base.pre[depth - 2], base.inputs[depth - 1]
+        a, z = base.pre[depth - 2], base.hidden[depth - 2]
         W_out = params[f"W{depth}"]
         if relu:
             unit_tables = np.stack([a, a])
@@ -169,19 +177,20 @@ class FastEngine(ShardEngine):
             r = base.rest[depth - 2]
             unit_tables = np.stack([z * r, r])
         w_target = np.ascontiguousarray(W_out.T[base.labels])
-        largest_logit_change = largest_change(layout, h, layer_input) * np.max(np.abs(W_out))
+        peak = base.peaks[depth - 2]
+        largest_logit_change = largest_change(layout, h, peak) * np.max(np.abs(W_out))
         moments_first, short_logs = by_moments(largest_logit_change)
-        moments = moment_table(base.probabilities, W_out, DEGREE if moments_first else 0)
-        requests = self.last_hidden
+        moments = base.moments if moments_first else np.empty((base.labels.size, 0, W_out.shape[0]))
+        requests, entries = self.last_hidden, base.entries[depth - 2]
         last_hidden_layer.loss_differences(
-            requests.pixels, requests.slot_of, requests.first_unit,
-            *input_entries(layer_input), unit_tables, w_target, moments, W_out,
-            base.probabilities, short_logs, relu, h, sums,
+            requests.pixels, requests.slot_of, requests.first_unit, entries.pixel_start,
+            entries.value_id, entries.value_sample, base.value_changes, unit_tables, w_target,
+            moments, W_out, base.probabilities, short_logs, relu, sums,
         )  # fmt: skip
 
     def output_layer(self, base: Unnudged, h: float, sums: np.ndarray) -> None:
         """The nudges of the output layer, into sums."""
-        z = base.inputs[-1]
+        z = base.hidden[-1]
         short = h * max(1.0, float(np.max(np.abs(z)))) <= SERIES_MAX  # every u, and p expm1(u)
         output_sums = np.empty(self.output_slot.size)
         output_layer.loss_differences(

@@ -17,8 +17,22 @@ import numba
 import numpy as np
 
 from distnum.engines.deltas import relu_change, sigmoid_change
-from distnum.engines.unnudged import LANES
 from distnum.vecmath import JIT, expm1, fma, log1p, log1p_series
+
+LANES = 8  # units whose changes the kernel adds at once: one vector
+
+
+@numba.njit(**JIT)
+def value_changes(values, value_count, first, stop, h, relu, out):
+    """out[0, n, k] and out[1, n, k] for rows n = first..stop-1 and k < value_count[n]: what
+    nudging by +h and by -h a weight whose input is values[n, k] does to the unit, as the
+    kernel below takes it: m = expm1(-d) of d = +-h values[n, k] for the sigmoid, d itself
+    for ReLU. A table of the step's, once per sample value."""
+    for n in range(first, stop):
+        for k in range(value_count[n]):
+            nudge = h * values[n, k]
+            out[0, n, k] = nudge if relu else expm1(-nudge)
+            out[1, n, k] = -nudge if relu else expm1(nudge)
 
 
 @numba.njit(inline="always", **JIT)
@@ -45,8 +59,8 @@ def loss_difference(d_plus, d_minus, c, target, short):
 
 @numba.njit(**JIT)
 def loss_differences(
-    pixels, slot_of, first_unit, pixel_start, value_id, value_sample, value,
-    unit_tables, w_target, moments, W_out, probabilities, short_logs, relu, h, out,
+    pixels, slot_of, first_unit, pixel_start, value_id, value_sample, value_changes,
+    unit_tables, w_target, moments, W_out, probabilities, short_logs, relu, out,
 ):  # fmt: skip
     """out[slot_of[p, u]] = sum over the entries of pixels[p] of delta(+h) - delta(-h) for
     unit first_unit + u, where slot_of[p, u] >= 0.
@@ -54,35 +68,35 @@ def loss_differences(
     unit_tables (2, B, H): for the sigmoid s r and r of each (sample, unit), for ReLU a_L
     (twice); w_target (B, H): W_{L+1}[j, t_n]; moments (B, DEGREE, H), or (B, 0, H) for S
     class by class, from W_out (H, K) and probabilities (B, K); short_logs: whether every
-    S lies in log1p's series domain (else log1p decides for each: the same bits)."""
+    S lies in log1p's series domain (else log1p decides for each: the same bits);
+    value_changes (2, V): each sample value's change (value_changes) for +h and -h."""
     num_units = slot_of.shape[1]
     batch_size = unit_tables.shape[1]
     # the sample values the shard's pixels need, each once, in order (so by sample), at
     # positions q where each sample's run starts at a multiple of LANES (the gaps nudge by 0)
-    needed = np.zeros(value.size, dtype=np.bool_)
+    num_values = value_changes.shape[1]
+    needed = np.zeros(num_values, dtype=np.bool_)
     for p in range(pixels.size):
         for e in range(pixel_start[pixels[p]], pixel_start[pixels[p] + 1]):
             needed[value_id[e]] = True
     sample_start = np.zeros(batch_size + 1, dtype=np.int64)
-    for v in range(value.size):
+    for v in range(num_values):
         if needed[v]:
             sample_start[value_sample[v] + 1] += 1
     for n in range(batch_size):
         run = (sample_start[n + 1] + LANES - 1) // LANES * LANES
         sample_start[n + 1] = sample_start[n] + run
     count = sample_start[batch_size]
-    index_of = np.full(value.size, -1)
+    index_of = np.full(num_values, -1)
     plus = np.zeros(count)  # per position: m = expm1(-d) (sigmoid) or d, for +h
     minus = np.zeros(count)  # and for -h
     fill = sample_start[:-1].copy()
-    for v in range(value.size):
+    for v in range(num_values):
         if needed[v]:
             q = fill[value_sample[v]]
             fill[value_sample[v]] += 1
             index_of[v] = q
-            nudge = h * value[v]
-            plus[q] = nudge if relu else expm1(-nudge)
-            minus[q] = -nudge if relu else expm1(nudge)
+            plus[q], minus[q] = value_changes[0, v], value_changes[1, v]
     entry_position = np.empty(value_id.size, dtype=np.int64)  # each entry's q
     for e in range(value_id.size):
         entry_position[e] = index_of[value_id[e]]

@@ -1,7 +1,7 @@
 """What every nudge of a step starts from: the unnudged forward pass of the batch, and the
-tables the delta form reads (deltas.py), computed once per call.
+tables the delta form reads (deltas.py), computed once per step, a sample's row at a time.
 
-    inputs, pre     z_0 = x, z_1..z_L and a_1..a_L, the logits: distnum.models.forward;
+    hidden, pre     z_1..z_L and a_1..a_{L+1}, the logits last: distnum.models.forward;
                     for ReLU, the a_1 that a nudge of W_1 or b_1 may carry across the kink
                     recomputed exact to an ulp (exact_near_kinks)
     rest            for the sigmoid, r_l = sigma(-a_l) = 1 - z_l, each accurate (1 - z_l
@@ -11,6 +11,14 @@ tables the delta form reads (deltas.py), computed once per call.
                     the change of sample n's loss when the last hidden layer's unit j moves
                     by d is log1p(sum_k d**k M_k[n, j] / k!) - d W_{L+1}[j, t_n], the series
                     of sum_c p_c expm1(d W_{L+1}[j, c]) to DEGREE terms
+    entries         each hidden layer's input z_0 = x, z_1, ... as its sample values
+                    (sample_values.py), and its largest |value|
+    value_changes   what nudging a weight of the last hidden layer does to its unit, for
+                    each sample value of its input (last_hidden_layer.value_changes)
+
+Every row depends on its sample alone, so the rows can be computed apart and put together
+(StepTables): the actors of a node each compute their share of a step's rows into one
+table in shared memory, and each reads all of them (distnum/node_channel.py).
 """
 
 from __future__ import annotations
@@ -20,31 +28,108 @@ from typing import NamedTuple
 import numba
 import numpy as np
 
+from distnum.engines.last_hidden_layer import value_changes
+from distnum.engines.sample_values import InputEntries, RowEntries, by_value, fill_rows, gathered
 from distnum.functions import _softmax, sigmoid
 from distnum.models import ParamLayout, forward
-from distnum.vecmath import EXPM1_SERIES_MAX, JIT, SERIES_MAX, fma
-
-LANES = 8  # units whose changes the last hidden layer's kernel adds at once: one vector
+from distnum.vecmath import DEGREE, EXPM1_SERIES_MAX, JIT, SERIES_MAX, fma
 
 
 class Unnudged(NamedTuple):
-    inputs: list[np.ndarray]
+    """The tables of a batch of B: hidden[l - 1] (B, n_l) = z_l, pre[l - 1] (B, n_l) = a_l,
+    rest as hidden (or None, for ReLU), probabilities (B, K), moments (B, DEGREE, n_L),
+    entries[l - 1] and peaks[l - 1] the sample values of layer l's input and its largest
+    |value| (for l = 1..L), value_changes (2, V) for the sample values of entries[L - 1],
+    labels (B,)."""
+
+    hidden: list[np.ndarray]
     pre: list[np.ndarray]
     rest: list[np.ndarray] | None
     probabilities: np.ndarray
+    moments: np.ndarray
+    entries: list[InputEntries]
+    peaks: list[float]
+    value_changes: np.ndarray
     labels: np.ndarray
 
 
-def unnudged(layout: ParamLayout, params: dict[str, np.ndarray], x: np.ndarray,
-             labels: np.ndarray, h: float) -> Unnudged:  # fmt: skip
-    """The tables of a checked batch x (B, I) and its class indices labels (B,), for nudges
-    of +-h."""
-    inputs, pre = forward(layout, params, x)
-    rest = [sigmoid(-a) for a in pre[:-1]] if layout.activation == "sigmoid" else None
-    probabilities = _softmax(pre[-1])
-    if layout.activation == "relu":
-        pre = [exact_near_kinks(pre[0], x, params["W1"], params["b1"], h), *pre[1:]]
-    return Unnudged(inputs, pre, rest, probabilities, labels)
+class StepTables:
+    """The rows of the tables of a batch of up to `capacity` samples, in arrays over one
+    buffer (of nbytes(layout, capacity) bytes; its own by default)."""
+
+    def __init__(self, layout: ParamLayout, capacity: int, buffer=None) -> None:
+        self.layout, self.capacity = layout, capacity
+        if buffer is None:
+            buffer = bytearray(self.nbytes(layout, capacity))
+        arrays, offset = [], 0
+        for shape, dtype in self.shapes(layout, capacity):
+            count = int(np.prod(shape))
+            arrays.append(np.frombuffer(buffer, dtype, count, offset).reshape(shape))
+            offset += aligned(count * np.dtype(dtype).itemsize)
+        depth = layout.depth
+        self.pre, arrays = arrays[:depth], arrays[depth:]
+        self.hidden, arrays = arrays[: depth - 1], arrays[depth - 1 :]
+        self.rest, arrays = arrays[: depth - 1], arrays[depth - 1 :]
+        self.probabilities, self.moments, self.changes, *arrays = arrays
+        self.entries = [RowEntries(*arrays[6 * k : 6 * k + 6]) for k in range(depth - 1)]
+
+    @staticmethod
+    def shapes(layout: ParamLayout, capacity: int) -> list[tuple[tuple, type]]:
+        sizes, depth = layout.sizes, layout.depth
+        shapes = [((capacity, sizes[l]), np.float64) for l in range(1, depth + 1)]  # pre
+        shapes += [((capacity, sizes[l]), np.float64) for l in range(1, depth)] * 2  # z, r
+        shapes += [((capacity, sizes[depth]), np.float64),  # probabilities
+                   ((capacity, DEGREE, sizes[depth - 1]), np.float64),  # moments
+                   ((2, capacity, sizes[depth - 2] + 1), np.float64)]  # fmt: skip
+        for l in range(1, depth):  # the entries of each hidden layer's input
+            width = sizes[l - 1] + 1
+            shapes += [((capacity, width), np.int32), ((capacity, width), np.int32),
+                       ((capacity, width), np.float64), ((capacity,), np.int64),
+                       ((capacity,), np.int64), ((capacity,), np.float64)]  # fmt: skip
+        return shapes
+
+    @classmethod
+    def nbytes(cls, layout: ParamLayout, capacity: int) -> int:
+        return sum(aligned(int(np.prod(shape)) * np.dtype(dtype).itemsize)
+                   for shape, dtype in cls.shapes(layout, capacity))  # fmt: skip
+
+    def fill(self, params: dict[str, np.ndarray], x: np.ndarray, first: int, h: float) -> None:
+        """The rows first, first + 1, ... for the checked samples x (R, I), at nudges of +-h."""
+        layout, depth = self.layout, self.layout.depth
+        rows = slice(first, first + x.shape[0])
+        inputs, pre = forward(layout, params, x)
+        if layout.activation == "relu":
+            pre = [exact_near_kinks(pre[0], x, params["W1"], params["b1"], h), *pre[1:]]
+        for table, value in zip(self.pre, pre, strict=True):
+            table[rows] = value
+        for l in range(1, depth):
+            self.hidden[l - 1][rows] = inputs[l]
+            if layout.activation == "sigmoid":
+                self.rest[l - 1][rows] = sigmoid(-pre[l - 1])
+            fill_rows(np.ascontiguousarray(inputs[l - 1]), first, *self.entries[l - 1])
+        last = self.entries[depth - 2]
+        value_changes(last.values, last.value_count, first, rows.stop, h,
+                      layout.activation == "relu", self.changes)  # fmt: skip
+        self.probabilities[rows] = probabilities = _softmax(pre[-1])
+        fill_moments(probabilities, params[f"W{depth}"], self.moments[rows])
+
+    def unnudged(self, batch_size: int, labels: np.ndarray) -> Unnudged:
+        """The first batch_size rows, filled, as the tables of that batch, labels (B,)."""
+        depth, rows = self.layout.depth, slice(0, batch_size)
+        hidden = [z[rows] for z in self.hidden]
+        rest = [r[rows] for r in self.rest] if self.layout.activation == "sigmoid" else None
+        entries = [gathered(table, batch_size) for table in self.entries]
+        peaks = [float(np.max(table.largest[rows], initial=0.0)) for table in self.entries]
+        counts = self.entries[depth - 2].value_count
+        changes = np.stack([by_value(side, counts, batch_size) for side in self.changes])
+        return Unnudged(hidden, [a[rows] for a in self.pre[:depth]], rest,
+                        self.probabilities[rows], self.moments[rows], entries, peaks, changes,
+                        labels)  # fmt: skip
+
+
+def aligned(nbytes: int) -> int:
+    """nbytes rounded up to a cache line's 64: each table starts on one."""
+    return -(-nbytes // 64) * 64
 
 
 @numba.njit(**JIT)
@@ -91,11 +176,11 @@ def exact_near_kinks(a, x, W, b, h):
     return out
 
 
-def largest_change(layout: ParamLayout, h: float, layer_input: np.ndarray) -> float:
-    """A bound on |d|, how far a nudge of +-h of a weight or bias of a hidden layer reading
-    layer_input moves one of its units: h times the largest input (1 for the bias), times
-    the largest slope of the activation (1/4 for the sigmoid)."""
-    largest = max(1.0, float(np.max(np.abs(layer_input))))
+def largest_change(layout: ParamLayout, h: float, peak: float) -> float:
+    """A bound on |d|, how far a nudge of +-h of a weight or bias of a hidden layer whose
+    largest input is peak moves one of its units: h times the largest input (1 for the
+    bias), times the largest slope of the activation (1/4 for the sigmoid)."""
+    largest = max(1.0, peak)
     return h * largest * (0.25 if layout.activation == "sigmoid" else 1.0)
 
 
@@ -130,12 +215,10 @@ def moments_of(p, by_class, out, power):
 
 
 @numba.njit(**JIT)
-def moment_table(probabilities, W, degree):
-    """moments_of each sample's probabilities (B, K) for the outgoing weights W (H, K) of
-    every unit: (B, degree, H), M_k[n, j] / k! = sum_c p[n, c] W[j, c]**k / k!."""
+def fill_moments(probabilities, W, out):
+    """out (B, DEGREE, H) = moments_of each sample's probabilities (B, K) for the outgoing
+    weights W (H, K) of every unit: M_k[n, j] / k! = sum_c p[n, c] W[j, c]**k / k!."""
     by_class = np.ascontiguousarray(W.T)  # (K, H): the loops over units contiguous
-    out = np.empty((probabilities.shape[0], degree, W.shape[0]))
     power = np.empty(W.shape[0])
     for n in range(probabilities.shape[0]):
         moments_of(probabilities[n], by_class, out[n], power)
-    return out
