@@ -260,8 +260,9 @@ def format_worker_rows(rows: list[dict[str, float]]) -> str:
             f"{r['transport']}"
         )
     lines.append(
-        "medians over the timed steps; compute: the slowest worker's own time (its slice, and "
-        "its rows of the previous step's loss); overhead: "
+        "medians over the timed steps; compute: the slowest worker's own time (its rows of the "
+        "previous step's loss and of the step's tables, the wait for its node's other actors' "
+        "rows, its slice); overhead: "
         "the rest of the step (Ray calls, transfers, gathering, the update); ceiling: N "
         "processes computing the whole gradient at once against one alone, what this machine "
         "allows N workers, and the speedup as a fraction of it. The training set "
