@@ -9,6 +9,10 @@ gone (the connection ends). A Ray Compiled Graph moves the same data through cha
 own, at about 1.4 ms per step on these 2-core machines, where this takes about 0.1-0.3 ms
 (measured by `distnum bench --workers`).
 
+With the fast engine the node's actors also share the step's tables in that file: each
+computes its share of the batch's rows, marks its rows done with the step's number, and waits
+for the others' marks before computing its slice from all the rows (fill_shared_rows).
+
 Each other node has a relay (an actor of no CPU) that does the driver's part there: the
 driver sends it the step once over TCP (the parameters, the batch, its rows of the loss
 batch), and it answers with its actors' slices and losses. So the bytes crossing the network
