@@ -44,6 +44,7 @@ from distnum.models import (
     ParamLayout,
     checked_batch,
     checked_inputs,
+    classified_right,
     per_sample_losses,
     total_loss,
 )
@@ -62,6 +63,7 @@ MIN_WAIT_S = 10.0  # the least a step is waited for before the actors are checke
 CONNECT_TIMEOUT_S = 120.0  # for every actor to connect, numba's compilations done
 OOM_WAIT_S = 10.0  # after Ray's memory monitor killed an actor, before starting another
 START_TIMEOUT_S = 300.0  # for every actor to start (placed, kernels compiled), then none can
+EVALUATION_ROWS = 2000  # samples an actor classifies at once, for the accuracies
 FREED_WAIT_S = 10.0  # for Ray to free a dead actor's CPUs, else its node is taken as lost
 # a GradientWorker actor's resident memory beyond its parameters, measured with a 784-50-10
 # net on MNIST: the interpreter, numpy, numba and its compiled kernels, Ray's worker
@@ -95,6 +97,19 @@ def sample_losses(layout: ParamLayout, flat: np.ndarray, x_train: np.ndarray,
     """The losses (R,) at flat of the R training samples numbered in rows."""
     x, labels = checked_batch(layout, x_train[rows], t_train[rows])
     return per_sample_losses(layout, layout.views(flat), x, labels)
+
+
+def samples_right(layout: ParamLayout, flat: np.ndarray, x: np.ndarray, t: np.ndarray,
+                  rows: np.ndarray) -> np.ndarray:  # fmt: skip
+    """(R,) 1.0 where the network at flat classifies the sample numbered in rows right, else
+    0.0; EVALUATION_ROWS rows at a time (a set's rows as float64 would take 8x its codes)."""
+    right = np.empty(rows.size)
+    for first in range(0, rows.size, EVALUATION_ROWS):
+        part = rows[first : first + EVALUATION_ROWS]
+        x_part, labels = checked_batch(layout, x[part], t[part])
+        right[first : first + part.size] = classified_right(layout, layout.views(flat), x_part,
+                                                            labels)  # fmt: skip
+    return right
 
 
 def loss_in_process(layout: ParamLayout, flat: np.ndarray, x_train: np.ndarray,
@@ -139,20 +154,27 @@ class LocalGradient:
         grad, seconds = self(flat, batch)
         return grad, seconds, None if loss_batch is None else self.loss(flat, loss_batch)
 
+    def accuracies(self, flat: np.ndarray) -> None:
+        """None: the caller computes the accuracies in this process, as this does all."""
+        return None
+
     def close(self) -> None:
         pass
 
 
 @ray.remote
 class GradientWorker:
-    """One shard: its engine, and the training set read from the object store."""
+    """One shard: its engine, and the training set (and the test set, if given) read from the
+    object store."""
 
     def __init__(
         self, engine: str | EngineFactory, layout: ParamLayout, indices: np.ndarray, h: float,
-        x_train: np.ndarray, t_train: np.ndarray,
+        x_train: np.ndarray, t_train: np.ndarray, x_test: np.ndarray | None = None,
+        t_test: np.ndarray | None = None,
     ) -> None:  # fmt: skip
         self.engine = make_engine(engine, layout, indices)
         self.size, self.h, self.x_train, self.t_train = len(indices), h, x_train, t_train
+        self.x_test, self.t_test = x_test, t_test
         self.layout, self.indices = layout, np.asarray(indices, dtype=np.int64)
         self.tables: StepTables | None = None  # shared with the node's actors, while serving
 
@@ -172,10 +194,16 @@ class GradientWorker:
                            self.t_train[batch], self.h)  # fmt: skip
         return grad, time.perf_counter() - started
 
-    def per_sample_losses(self, step: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-        """The losses (R,) at the parameters of R samples, given by their indices."""
+    def row_values(self, step: tuple[np.ndarray, np.ndarray], kind: int) -> np.ndarray:
+        """(R,) for (parameters, R sample indices): the training samples' losses (LOSSES), or
+        whether each training or test sample is classified right (TRAIN_CORRECT,
+        TEST_CORRECT)."""
         flat, rows = step
-        return sample_losses(self.layout, flat, self.x_train, self.t_train, rows)
+        if kind == node_channel.LOSSES:
+            return sample_losses(self.layout, flat, self.x_train, self.t_train, rows)
+        if kind == node_channel.TEST_CORRECT:
+            return samples_right(self.layout, flat, self.x_test, self.t_test, rows)
+        return samples_right(self.layout, flat, self.x_train, self.t_train, rows)
 
     def share_tables(self, buffer: memoryview | None, rows: int = 0) -> None:
         """The tables of up to rows samples the node's actors share, in buffer (None: no
@@ -246,7 +274,8 @@ class WorkerActors:
 
     def __init__(self, actor_args: tuple, shards: list[np.ndarray],
                  nodes: list[str] | None) -> None:  # fmt: skip
-        """actor_args: (engine, layout, h, x_ref, t_ref) as every GradientWorker takes them;
+        """actor_args: (engine, layout, h, x_ref, t_ref[, x_test_ref, t_test_ref]) as every
+        GradientWorker takes them;
         nodes: the Ray node ids to place the actors on, actor k on nodes[k % len(nodes)];
         default: spread by Ray."""
         self.actor_args, self.shards = actor_args, shards
@@ -273,9 +302,9 @@ class WorkerActors:
             self.handles.append(self.new_actor(k))
 
     def new_actor(self, k: int) -> ray.actor.ActorHandle:
-        engine, layout, h, x_ref, t_ref = self.actor_args
+        engine, layout, h, *data_refs = self.actor_args
         return GradientWorker.options(**self.placements[k]).remote(
-            engine, layout, self.shards[k], h, x_ref, t_ref
+            engine, layout, self.shards[k], h, *data_refs
         )
 
     def wait_ready(self) -> None:
@@ -459,10 +488,14 @@ class StepLinks:
         grad[self.shard_indices] = np.concatenate([g for g, _ in slices])
         return grad, max(s for _, s in slices), None
 
-    def losses(self, flat: np.ndarray, batch: np.ndarray, limit_s: float) -> np.ndarray | None:
-        """The per-sample losses of batch at flat, each actor computing its share; None
-        through a compiled graph."""
-        return self.channel.losses(flat, batch, limit_s) if self.channel is not None else None
+    def row_values(self, flat: np.ndarray, rows: np.ndarray, kind: int,
+                   limit_s: float) -> np.ndarray | None:  # fmt: skip
+        """The values at flat of the samples numbered in rows that kind asks for
+        (node_channel.LOSSES, ...), each actor computing its share; None through a compiled
+        graph."""
+        if self.channel is None:
+            return None
+        return self.channel.row_values(flat, rows, kind, limit_s)
 
     def disconnect(self, wait_s: float = 0.0) -> None:
         """Tear the graph down, or close the channel: each actor's serving then ends (after
@@ -506,6 +539,7 @@ class ShardedGradient:
         self, layout: ParamLayout, engine: str | EngineFactory, h: float,
         x_train: np.ndarray | ImageCodes, t_train: np.ndarray, num_workers: int,
         max_restarts: int = 3, nodes: list[str] | None = None, batch_size: int = 0,
+        x_test: np.ndarray | None = None, t_test: np.ndarray | None = None,
     ) -> None:  # fmt: skip
         """x_train (N, D): float64 rows, or their codes (shipped_images) when the caller makes
         several; nodes: the Ray node ids to place the actors on, worker k on
@@ -513,7 +547,8 @@ class ShardedGradient:
         default: spread by Ray. batch_size: the steps' batches' size, if known: the actors
         of a node then share the fast engine's tables of a batch (each computes its share of
         the rows once, and not every actor all of them); larger batches work too, each
-        actor computing all of its own."""
+        actor computing all of its own. x_test, t_test: the test set, for the actors to
+        compute the accuracies (accuracies())."""
         shards = make_shards(layout, input_density(x_train), num_workers)
         shard_indices = np.concatenate(shards)  # where each gathered value belongs
         bounds = np.cumsum([0, *map(len, shards)])
@@ -521,12 +556,15 @@ class ShardedGradient:
         shipped = shipped_images(x_train)
         self.training_set_bytes = shipped.nbytes
         actor_args = (engine, layout, h, ray.put(shipped), ray.put(t_train))
+        if x_test is not None:
+            actor_args += (ray.put(shipped_images(x_test)), ray.put(t_test))
         self.actors = WorkerActors(actor_args, shards, nodes)
         # train() refuses batches larger than the training set
         table_rows = min(batch_size, len(x_train)) if shares_tables(engine) else 0
         self.links = StepLinks(layout, len(x_train), shard_indices, places, table_rows)
         self.num_workers, self.max_restarts, self.restarts = num_workers, max_restarts, 0
         self.layout, self.x_train, self.t_train = layout, x_train, t_train
+        self.x_test = x_test
         self.expected_compute_s = self.slowest_compute_s = 0.0
         self.patience = 1  # grows when a step outlasts the wait limit with every actor alive
         try:
@@ -579,10 +617,36 @@ class ShardedGradient:
         """The batch's mean loss at flat: each actor computes its share of the per-sample
         losses (the same bits as one process); with a compiled graph, this process computes
         it."""
-        losses = self.recovering(lambda limit_s: self.links.losses(flat, batch, limit_s))
+        losses = self.recovering(
+            lambda limit_s: self.links.row_values(flat, batch, node_channel.LOSSES, limit_s)
+        )
         if losses is None:
             return loss_in_process(self.layout, flat, self.x_train, self.t_train, batch)
         return total_loss(self.layout, self.layout.views(flat), losses)
+
+    def accuracies(self, flat: np.ndarray) -> tuple[float, float] | None:
+        """The training and test sets' accuracies at flat, each actor classifying its share
+        of their samples (the same numbers as one process); None without the test set,
+        through a compiled graph, or with one actor: the driver classifies its float64 rows
+        faster than one actor its uint8 codes (0.23-0.30 s against 0.46-0.50 s for MNIST on a
+        2-core AMD EPYC; two actors, 0.25-0.27 s)."""
+        if self.x_test is None or self.num_workers < 2:
+            return None
+        found = []
+        for kind, size in ((node_channel.TRAIN_CORRECT, len(self.x_train)),
+                           (node_channel.TEST_CORRECT, len(self.x_test))):  # fmt: skip
+            right = []  # at most the channel's rows a request: the training set's size
+            for first in range(0, size, len(self.x_train)):
+                rows = np.arange(first, min(first + len(self.x_train), size))
+                part = self.recovering(
+                    lambda limit_s, rows=rows, kind=kind: self.links.row_values(
+                        flat, rows, kind, limit_s)
+                )  # fmt: skip
+                if part is None:
+                    return None
+                right.append(part)
+            found.append(float(np.mean(np.concatenate(right) == 1.0)))
+        return found[0], found[1]
 
     def recovering(self, request: Callable[[float], T]) -> T:
         """request(limit_s), again after an actor died or did not answer in limit_s (with the

@@ -227,6 +227,13 @@ def per_sample_losses(layout: ParamLayout, params: dict[str, np.ndarray], x: np.
     return softmax_cross_entropy_per_sample(forward(layout, params, x).logits, labels)
 
 
+def classified_right(layout: ParamLayout, params: dict[str, np.ndarray], x: np.ndarray,
+                     labels: np.ndarray) -> np.ndarray:  # fmt: skip
+    """(N,) bool: whether each row of a checked batch x (N, I) has its largest logit at its
+    label's class (N,); each row's depends on that row alone."""
+    return np.argmax(forward(layout, params, x).logits, axis=1) == labels
+
+
 def decay_term(layout: ParamLayout, params: dict[str, np.ndarray]) -> float:
     """0.5 * lambda * sum(W_l ** 2), added layer by layer as the book adds it; 0.0 without
     weight decay."""
@@ -371,8 +378,7 @@ class MultiLayerNet:
     def accuracy(self, x: np.ndarray, t: np.ndarray) -> float:
         """The fraction of x (N, I) whose largest logit is its label's, t as for loss."""
         x, labels = checked_batch(self.layout, x, t)
-        logits = forward(self.layout, self.params, x).logits
-        return float(np.mean(np.argmax(logits, axis=1) == labels))
+        return float(np.mean(classified_right(self.layout, self.params, x, labels)))
 
     def numerical_gradient(
         self, x: np.ndarray, t: np.ndarray, h: float = DEFAULT_H, engine: str = "fast"

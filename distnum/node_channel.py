@@ -38,17 +38,20 @@ from pathlib import Path
 import numpy as np
 
 SHARED_DIR = Path("/dev/shm")
-# driver -> actor: whether to compute the gradient, the batch's size, the first and stop
-# rows of the loss batch whose per-sample losses this actor computes, the step's number, and
-# the actor's place among the node's actors that share the step's tables and their number (0:
+# what the rows of a request ask for, each row's value: its training sample's loss, or whether
+# the network classifies its training or test sample right (1.0 or 0.0)
+LOSSES, TRAIN_CORRECT, TEST_CORRECT = 0, 1, 2
+# driver -> actor: whether to compute the gradient, the batch's size, what the rows ask for,
+# the first and stop rows whose values this actor computes, the step's number, and the
+# actor's place among the node's actors that share the step's tables and their number (0:
 # none shared, each computes its own)
-GO = struct.Struct("<qqqqqqq")
+GO = struct.Struct("<qqqqqqqq")
 DONE = struct.Struct("<Bdq")  # actor -> driver: failed?, seconds computing, message bytes
 HELLO = struct.Struct("<q")  # actor -> driver on connecting: its worker number
 HELLO_TIMEOUT_S = 10.0
-# driver -> relay: whether to compute the gradient, the batch's size, the relay's loss rows,
-# the wait limit; then the parameters, the batch and the loss rows, int64 and float64
-REQUEST = struct.Struct("<qqqd")
+# driver -> relay: whether to compute the gradient, the batch's size, the relay's rows, what
+# they ask for, the wait limit; then the parameters, the batch and the rows
+REQUEST = struct.Struct("<qqqqd")
 READY = b"R"  # relay -> driver, once every actor of its node is connected
 SECRET_BYTES = 32
 # an actor waiting for the others' rows of the tables: at first it only yields its core, then
@@ -226,16 +229,19 @@ class NodeChannel:
         grad[self.order] = self.shared.slices  # one pass puts every slice in its place
         return grad, longest, losses
 
-    def losses(self, flat: np.ndarray, loss_batch: np.ndarray, limit_s: float) -> np.ndarray:
-        """The per-sample losses (B,) at flat of loss_batch's indices alone."""
+    def row_values(self, flat: np.ndarray, rows: np.ndarray, kind: int,
+                   limit_s: float) -> np.ndarray:  # fmt: skip
+        """The values (R,) at flat of the samples numbered in rows alone: what kind asks for
+        (LOSSES, TRAIN_CORRECT or TEST_CORRECT)."""
         self.shared.params[:] = flat
-        self.run(None, loss_batch, 0.0, limit_s)
-        return self.shared.losses[: loss_batch.size].copy()
+        self.run(None, rows, 0.0, limit_s, kind)
+        return self.shared.losses[: rows.size].copy()
 
     def run(self, batch: np.ndarray | None, loss_batch: np.ndarray | None, sleep_s: float,
-            limit_s: float) -> float:  # fmt: skip
+            limit_s: float, kind: int = LOSSES) -> float:  # fmt: skip
         """One request with the parameters in place: every actor of the node and every
-        relay at once, the loss batch's rows split in proportion to their actors."""
+        relay at once, the loss batch's rows (values of the kind asked for) split in
+        proportion to their actors."""
         batch = np.empty(0, np.int64) if batch is None else batch
         loss_batch = np.empty(0, np.int64) if loss_batch is None else loss_batch
         if max(batch.size, loss_batch.size) > self.shared.max_batch:
@@ -253,12 +259,12 @@ class NodeChannel:
             zip(self.connections.items(), local_spans, strict=True)
         ):
             try:
-                connection.sendall(GO.pack(batch.size > 0, batch.size, first, stop, self.steps,
-                                           place, sharing))  # fmt: skip
+                connection.sendall(GO.pack(batch.size > 0, batch.size, kind, first, stop,
+                                           self.steps, place, sharing))  # fmt: skip
             except OSError:
                 raise WorkerLost(worker) from None
         for host, (first, stop) in zip(self.hosts, host_spans, strict=True):
-            host.send(self.shared.params, batch, loss_batch[first:stop], limit_s)
+            host.send(self.shared.params, batch, loss_batch[first:stop], kind, limit_s)
         started = time.monotonic()
         time.sleep(sleep_s)  # the actors compute; waking early only costs a CPU they need
         poller = select.poll()  # not select(): it fails on descriptors past 1023
@@ -362,9 +368,9 @@ class HostLink:
                 raise WorkerLost(self.name) from error  # the relay's connection ended
             raise
 
-    def send(self, params: np.ndarray, batch: np.ndarray, rows: np.ndarray,
+    def send(self, params: np.ndarray, batch: np.ndarray, rows: np.ndarray, kind: int,
              limit_s: float) -> None:  # fmt: skip
-        header = REQUEST.pack(batch.size > 0, batch.size, rows.size, limit_s)
+        header = REQUEST.pack(batch.size > 0, batch.size, rows.size, kind, limit_s)
         parts = [header, params, batch.astype(np.int64), rows.astype(np.int64)]
         # a relay that stops reading (its process hung) would block the driver for good
         self.connection.settimeout(limit_s)
@@ -425,12 +431,14 @@ def relay(listener: socket.socket, secret: bytes, channel: NodeChannel, ranges: 
     try:
         connection.sendall(READY)
         while True:
-            wanted, batch_size, rows, limit_s = REQUEST.unpack(receive(connection, REQUEST.size))
+            wanted, batch_size, rows, kind, limit_s = REQUEST.unpack(
+                receive(connection, REQUEST.size))  # fmt: skip
             receive_into(connection, shared.params)
             batch = receive_into(connection, np.empty(batch_size, np.int64))
             loss_rows = receive_into(connection, np.empty(rows, np.int64))
             try:  # the driver's limit, which starts later, is the one that applies
-                seconds = channel.run(batch if wanted else None, loss_rows, 0.0, 2 * limit_s)
+                seconds = channel.run(batch if wanted else None, loss_rows, 0.0, 2 * limit_s,
+                                      kind)  # fmt: skip
             except WorkerRaised as error:  # the other actors' answers are left unread: end
                 message = str(error).encode()
                 connection.sendall(DONE.pack(1, 0.0, len(message)) + message)
@@ -457,10 +465,10 @@ def receive(connection: socket.socket, count: int) -> bytes:
 
 def serve(address: str, path: str, size: int, max_batch: int, actors: int, table_rows: int,
           table_bytes: int, worker: int, place: slice, work) -> None:  # fmt: skip
-    """The actor's end, until the driver closes the connection. Per request: the per-sample
-    losses of its share of the loss batch's rows, if any, and its slice, if asked, copied to
-    its place among the slices. work is the actor's GradientWorker: its
-    per_sample_losses((flat, rows)) and gradient_slice((flat, batch)) -> (slice, seconds),
+    """The actor's end, until the driver closes the connection. Per request: the values of
+    its share of the loss batch's rows, if any, and its slice, if asked, copied to its place
+    among the slices. work is the actor's GradientWorker: its row_values((flat, rows), kind)
+    and gradient_slice((flat, batch)) -> (slice, seconds),
     and, where the node's actors share the step's tables (of up to table_rows samples),
     share_tables(buffer, table_rows) once, fill_tables(flat, batch, first, stop) for its
     rows and slice_from_tables(flat, batch)."""
@@ -474,13 +482,13 @@ def serve(address: str, path: str, size: int, max_batch: int, actors: int, table
         connection.connect(address)
         connection.sendall(HELLO.pack(worker))
         while True:
-            wanted, batch_size, first, stop, step, among, sharing = GO.unpack(
+            wanted, batch_size, kind, first, stop, step, among, sharing = GO.unpack(
                 receive(connection, GO.size))  # fmt: skip
             started = time.perf_counter()
             try:
                 if stop > first:  # more actors than rows leaves some with none
                     rows = shared.loss_batch[first:stop].copy()
-                    shared.losses[first:stop] = work.per_sample_losses((params, rows))
+                    shared.losses[first:stop] = work.row_values((params, rows), kind)
                 seconds = time.perf_counter() - started  # computing, as the slice's below
                 if wanted:
                     batch = shared.batch[:batch_size].copy()

@@ -412,6 +412,7 @@ class Run:
         self.folder, self.out, self.stop = folder, folder.out, stop
         self.started = time.perf_counter()
         self.startup_s: float | None = None  # train() called to the first step: data, Ray, actors
+        self.gradient = None  # the loop's: LocalGradient or ShardedGradient
         self.checkpointed = time.monotonic()  # when the last checkpoint was written
         self.checkpoints = checkpoints.Checkpoints(self.out, uuid.uuid4().hex)
         self.saved = opened(config, folder, self.checkpoints)
@@ -512,7 +513,12 @@ class Run:
         )
 
     def evaluate(self) -> tuple[float, float]:
+        """The training and test accuracies at the parameters now: by the worker actors,
+        each its share of the samples, or in this process (the same numbers)."""
         net = self.net
+        found = None if self.gradient is None else self.gradient.accuracies(net.flat_params)
+        if found is not None:
+            return found
         return net.accuracy(self.x_train, self.t_train), net.accuracy(self.x_test, self.t_test)
 
     def loop(self, gradient, progress: Progress) -> float:
@@ -525,6 +531,7 @@ class Run:
         config, net = self.config, self.net
         checkpoint_every = config.checkpoint_every or self.iter_per_epoch
         compute_s = 0.0
+        self.gradient = gradient  # for the evaluations
         owed = None  # the last step's (batch, seconds) while its loss is still to come
         while self.step < config.iters:
             if owed is not None and self.stop.signal_name is not None:
@@ -654,7 +661,8 @@ def make_gradient(run: Run):
             print(f"distnum: {note}", file=sys.stderr)
         gradient = ShardedGradient(net.layout, config.engine, config.h, run.x_train,
                                    run.t_train, workers, config.max_worker_restarts,
-                                   batch_size=config.batch_size)  # fmt: skip
+                                   batch_size=config.batch_size, x_test=run.x_test,
+                                   t_test=run.t_test)  # fmt: skip
     except BaseException:
         disconnect(owns_ray)
         raise

@@ -25,7 +25,8 @@ PLACES = [slice(0, 5), slice(5, 10)]  # each shard's slice among them
 
 class Work:
     """What an actor's GradientWorker does for serve(), in miniature: its slice is
-    flat[shard] * batch.sum(), its losses rows * 0.5 + flat[0]; with tables shared, each
+    flat[shard] * batch.sum(), its rows' values rows * 0.5 + flat[0] + 100 * the kind asked
+    for (0 for losses); with tables shared, each
     actor writes 2 * batch[n] into its rows n of one table, and reads the whole of it."""
 
     def __init__(self, shard: np.ndarray, hold: threading.Event | None = None) -> None:
@@ -38,9 +39,9 @@ class Work:
             raise ArithmeticError("a negative sample\nsecond line")
         return flat[self.shard] * batch.sum(), 0.001
 
-    def per_sample_losses(self, step):
+    def row_values(self, step, kind: int):
         flat, rows = step
-        return rows * 0.5 + flat[0]
+        return rows * 0.5 + flat[0] + 100 * kind
 
     def share_tables(self, buffer, rows: int = 0) -> None:
         self.table = None if buffer is None else np.frombuffer(buffer, np.float64, rows)
@@ -102,7 +103,8 @@ def test_steps_and_losses_through_shared_memory(channel, monkeypatch):
         grad, seconds, losses = channel.gradient(flat, batch, previous, 0.0, 10)
         assert np.array_equal(grad, flat * batch.sum()) and 0.001 <= seconds < 1
         assert losses is None if previous is None else np.array_equal(losses, previous * 0.5)
-        assert np.array_equal(channel.losses(flat, batch, 10), batch * 0.5)
+        assert np.array_equal(channel.row_values(flat, batch, node_channel.LOSSES, 10),
+                              batch * 0.5)  # fmt: skip
         previous = batch
     with pytest.raises(ValueError, match="at most 8"):
         channel.gradient(flat, np.zeros(9, dtype=np.int64), None, 0.0, 10)
@@ -232,7 +234,11 @@ def test_a_relay_brings_its_nodes_slice_and_losses(relayed):
         assert (
             losses is None if previous is None else np.array_equal(losses, previous * 0.5 + flat[0])
         )
-        assert np.array_equal(driver.losses(flat, batch, 10), batch * 0.5 + flat[0])
+        assert np.array_equal(driver.row_values(flat, batch, node_channel.LOSSES, 10),
+                              batch * 0.5 + flat[0])  # fmt: skip
+        # what the rows ask for reaches the actors behind the relay too
+        right = driver.row_values(flat, batch, node_channel.TEST_CORRECT, 10)
+        assert np.array_equal(right, batch * 0.5 + flat[0] + 200)
         previous = batch
         flat = flat + 1  # new parameters reach the relay each step
     link = driver.hosts[0]

@@ -18,6 +18,7 @@ from run_helpers import actor_processes, assert_nothing_left, descendants
 
 from distnum.distributed import ShardedGradient, WorkerFailed
 from distnum.engines import FastEngine
+from distnum.gradcheck import train_with_backprop
 from distnum.models import TwoLayerNet
 from distnum.training import params_sha256, train
 
@@ -214,6 +215,22 @@ def test_the_workers_loss_has_the_bits_of_one_process(ray_session, mnist, worker
     finally:
         gradient.close()
     assert loss == net.loss(x_train[batch], t_train[batch])
+
+
+def test_the_workers_accuracies_are_one_processes(ray_session, mnist):
+    """The training and test accuracies, each actor classifying its share of the samples:
+    the numbers net.accuracy gives."""
+    (x_train, t_train), (x_test, t_test) = mnist
+    net = TwoLayerNet(784, 12, 10, seed=3)
+    train_with_backprop(net, x_train, t_train, 300, np.random.default_rng(0))
+    gradient = ShardedGradient(net.layout, "fast", 1e-4, x_train, t_train, 2, x_test=x_test,
+                               t_test=t_test)  # fmt: skip
+    try:
+        found = gradient.accuracies(net.flat_params)
+    finally:
+        gradient.close()
+    assert found == (net.accuracy(x_train, t_train), net.accuracy(x_test, t_test))
+    assert 0.2 < found[1] < 1.0  # trained a little: not one class for all
 
 
 def test_actors_without_the_channel_get_a_compiled_graph(ray_session, mnist, monkeypatch,
