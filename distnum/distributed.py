@@ -559,9 +559,11 @@ class ShardedGradient:
         if x_test is not None:
             actor_args += (ray.put(shipped_images(x_test)), ray.put(t_test))
         self.actors = WorkerActors(actor_args, shards, nodes)
-        # train() refuses batches larger than the training set
+        # room for a request's rows: a batch (train() refuses any larger than the training
+        # set), or every sample of the training or the test set for the accuracies
+        max_rows = max(len(x_train), 0 if x_test is None else len(x_test))
         table_rows = min(batch_size, len(x_train)) if shares_tables(engine) else 0
-        self.links = StepLinks(layout, len(x_train), shard_indices, places, table_rows)
+        self.links = StepLinks(layout, max_rows, shard_indices, places, table_rows)
         self.num_workers, self.max_restarts, self.restarts = num_workers, max_restarts, 0
         self.layout, self.x_train, self.t_train = layout, x_train, t_train
         self.x_test = x_test
@@ -632,21 +634,17 @@ class ShardedGradient:
         2-core AMD EPYC; two actors, 0.25-0.27 s)."""
         if self.x_test is None or self.num_workers < 2:
             return None
-        found = []
-        for kind, size in ((node_channel.TRAIN_CORRECT, len(self.x_train)),
-                           (node_channel.TEST_CORRECT, len(self.x_test))):  # fmt: skip
-            right = []  # at most the channel's rows a request: the training set's size
-            for first in range(0, size, len(self.x_train)):
-                rows = np.arange(first, min(first + len(self.x_train), size))
-                part = self.recovering(
-                    lambda limit_s, rows=rows, kind=kind: self.links.row_values(
-                        flat, rows, kind, limit_s)
-                )  # fmt: skip
-                if part is None:
-                    return None
-                right.append(part)
-            found.append(float(np.mean(np.concatenate(right) == 1.0)))
-        return found[0], found[1]
+
+        def fraction_right(kind: int, size: int) -> float | None:
+            rows = np.arange(size)
+            right = self.recovering(
+                lambda limit_s: self.links.row_values(flat, rows, kind, limit_s)
+            )
+            return None if right is None else float(np.mean(right == 1.0))
+
+        train = fraction_right(node_channel.TRAIN_CORRECT, len(self.x_train))
+        test = fraction_right(node_channel.TEST_CORRECT, len(self.x_test))
+        return None if train is None or test is None else (train, test)
 
     def recovering(self, request: Callable[[float], T]) -> T:
         """request(limit_s), again after an actor died or did not answer in limit_s (with the

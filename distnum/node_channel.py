@@ -246,7 +246,7 @@ class NodeChannel:
         loss_batch = np.empty(0, np.int64) if loss_batch is None else loss_batch
         if max(batch.size, loss_batch.size) > self.shared.max_batch:
             raise ValueError(f"a batch of {max(batch.size, loss_batch.size)} samples; at most "
-                             f"{self.shared.max_batch} (the training set's size)")  # fmt: skip
+                             f"{self.shared.max_batch} (the largest data set)")  # fmt: skip
         self.shared.batch[: batch.size] = batch
         self.shared.loss_batch[: loss_batch.size] = loss_batch
         actors = [1] * len(self.connections) + [host.actors for host in self.hosts]
