@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from distnum.engines import FastEngine, FullEngine
+from distnum.gradcheck import near_kinks
 from distnum.models import MultiLayerNet, ParamLayout, TwoLayerNet, forward
 from distnum.sharding import make_shards, unit_major_order
 
@@ -127,6 +128,32 @@ def test_numerical_gradients_match_backprop(hidden, activation, decay):
     for engine in ("fast", "full"):
         numerical = net.layout.flatten(net.numerical_gradient(x, t, engine=engine))
         assert np.max(np.abs(numerical - analytic)) / np.max(np.abs(analytic)) < 1e-7, engine
+
+
+@pytest.mark.parametrize("layer", [1, 2])
+def test_gradchecks_kink_bound_leaves_out_what_differs_from_backprop(layer):
+    """gradcheck.near_kinks: a unit put at its kink on one sample marks the nudges that
+    move it, from its own layer and from the layer below; every unmarked nudge's central
+    difference agrees with backprop, the marked ones' need not."""
+    net = MultiLayerNet(12, [7, 6], 4, "relu", weight_init_std=0.8, seed=3)
+    x, t = small_batch(3)
+    net.params[f"b{layer}"][2] -= forward(net.layout, net.params, x).pre[layer - 1][0, 2]
+    near = near_kinks(net, x, H)
+    slices = net.layout.slices
+    assert near[slices[f"b{layer}"].start + 2]  # its own bias moves it by h
+    assert near[slices["W1"]].reshape(12, 7)[x[0] != 0][:, 2 if layer == 1 else 0].any()
+    assert not near[slices["W3"]].any() and not near[slices["b3"]].any()  # the softmax's side
+    assert 0 < near.sum() < near.size / 2
+    analytic = net.layout.flatten(net.gradient(x, t))
+    numerical = net.layout.flatten(net.numerical_gradient(x, t, engine="fast"))
+    scale = np.max(np.abs(analytic))
+    assert np.max(np.abs(numerical - analytic)[~near]) / scale < 1e-7
+    assert np.max(np.abs(numerical - analytic)[near]) / scale > 1e-3  # the kink shows
+
+
+def test_a_sigmoid_net_has_no_kinks():
+    net = MultiLayerNet(12, [7, 6], 4, "sigmoid", weight_init_std=0.8, seed=3)
+    assert not near_kinks(net, small_batch(3)[0], 1.0).any()
 
 
 def test_a_relu_unit_at_zero_under_both_nudges_adds_exactly_nothing():
