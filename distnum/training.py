@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from distnum import checkpoint as checkpoints
-from distnum.data import has_all_files, load_mnist, locate
+from distnum.data import has_all_files, load_mnist, locate, shipped_images
 from distnum.engines import ENGINES, EngineFactory
 from distnum.engines.base import one_blas_thread
 from distnum.gradient import DEFAULT_H, check_h, check_h_against
@@ -334,19 +334,24 @@ def data_sha256(*arrays: np.ndarray) -> str:
     return digest.hexdigest()
 
 
-def digest_in_background(*arrays: np.ndarray) -> Future:
-    """data_sha256(*arrays) computed in a thread: 0.9 s for MNIST's 440 MB of float64, during
-    which hashlib lets go of the GIL."""
-    digest: Future = Future()
+def in_background(function: Callable, *args) -> Future:
+    """function(*args) computed in a thread, while Ray and the actors start: numpy and
+    hashlib let go of the GIL on large arrays."""
+    result: Future = Future()
 
     def work() -> None:
         try:
-            digest.set_result(data_sha256(*arrays))
-        except BaseException as error:  # raised where the digest is asked for
-            digest.set_exception(error)
+            result.set_result(function(*args))
+        except BaseException as error:  # raised where the result is asked for
+            result.set_exception(error)
 
-    threading.Thread(target=work, name="distnum-data-sha256", daemon=True).start()
-    return digest
+    threading.Thread(target=work, name=f"distnum-{function.__name__}", daemon=True).start()
+    return result
+
+
+def shipped_sets(x_train: np.ndarray, x_test: np.ndarray) -> tuple:
+    """The training and test images as they go to the worker actors (shipped_images)."""
+    return shipped_images(x_train), shipped_images(x_test)
 
 
 @contextmanager
@@ -446,9 +451,12 @@ class Run:
         self.data_dir = str(locate("mnist", data_dir).resolve())
         data = load_mnist(data_dir=self.data_dir)
         (self.x_train, self.t_train), (self.x_test, self.t_test) = data
-        # a new run only records the digest: it is computed while Ray and the actors start
-        self.data_digest = digest_in_background(self.x_train, self.t_train, self.x_test,
-                                                self.t_test)  # fmt: skip
+        # a new run only records the digest (0.9 s for MNIST's float64 arrays), and the
+        # actors' copies of the images take 0.9 s to make: both made while Ray starts
+        self.data_digest = in_background(data_sha256, self.x_train, self.t_train, self.x_test,
+                                         self.t_test)  # fmt: skip
+        if not config.local:
+            self.shipped = in_background(shipped_sets, self.x_train, self.x_test)
         if saved is not None and saved.data_sha256 != self.data_digest.result():
             raise ConfigError(f"the run in {self.out} learned from other data than "
                               f"{self.data_dir} holds; give the data it was started with as "
@@ -678,9 +686,10 @@ def make_gradient(run: Run):
             raise ConfigError(f"{option('workers', workers)}: {error}") from None
         if note:
             print(f"distnum: {note}", file=sys.stderr)
-        gradient = ShardedGradient(net.layout, config.engine, config.h, run.x_train,
-                                   run.t_train, workers, config.max_worker_restarts,
-                                   batch_size=config.batch_size, x_test=run.x_test,
+        x_train, x_test = run.shipped.result()
+        gradient = ShardedGradient(net.layout, config.engine, config.h, x_train, run.t_train,
+                                   workers, config.max_worker_restarts,
+                                   batch_size=config.batch_size, x_test=x_test,
                                    t_test=run.t_test)  # fmt: skip
     except BaseException:
         disconnect(owns_ray)
