@@ -202,10 +202,11 @@ def run_gradcheck(args: argparse.Namespace) -> int:
         )  # fmt: skip
     verdict = "FAILED" if failed else "ok"
     print(
-        "vs backprop: max |a - backprop| / max |backprop|, over the parameters whose nudge "
-        "reaches no ReLU kink (a central difference across one is no derivative; near kink: "
-        "how many may)"
-    )
+        "vs backprop: max |a - backprop| / max |backprop|"
+        + (", over the parameters whose nudge reaches no ReLU kink (a central difference "
+           "across one is no derivative; near kink: how many may)"
+           if net.layout.activation == "relu" else "")
+    )  # fmt: skip
     if truth:
         at_kink = sum(r["truth_at_kink"] for r in report.values())
         print(

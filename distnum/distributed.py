@@ -539,11 +539,12 @@ class ShardedGradient:
         self, layout: ParamLayout, engine: str | EngineFactory, h: float,
         x_train: np.ndarray | ImageCodes, t_train: np.ndarray, num_workers: int,
         max_restarts: int = 3, nodes: list[str] | None = None, batch_size: int = 0,
-        x_test: np.ndarray | None = None, t_test: np.ndarray | None = None,
+        x_test: np.ndarray | ImageCodes | None = None, t_test: np.ndarray | None = None,
     ) -> None:  # fmt: skip
-        """x_train (N, D): float64 rows, or their codes (shipped_images) when the caller makes
-        several; nodes: the Ray node ids to place the actors on, worker k on
-        nodes[k % len(nodes)] (`distnum bench --model` measures one node and several);
+        """x_train (N, D): float64 rows, or their codes (shipped_images), which the caller
+        may have made already (meanwhile, or once for several); nodes: the Ray node ids to
+        place the actors on, worker k on nodes[k % len(nodes)] (`distnum bench --model`
+        measures one node and several);
         default: spread by Ray. batch_size: the steps' batches' size, if known: the actors
         of a node then share the fast engine's tables of a batch (each computes its share of
         the rows once, and not every actor all of them); larger batches work too, each

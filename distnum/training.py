@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from distnum import checkpoint as checkpoints
-from distnum.data import has_all_files, load_mnist, locate, shipped_images
+from distnum.data import ImageCodes, has_all_files, load_mnist, locate, shipped_images
 from distnum.engines import ENGINES, EngineFactory
 from distnum.engines.base import one_blas_thread
 from distnum.gradient import DEFAULT_H, check_h, check_h_against
@@ -336,7 +336,8 @@ def data_sha256(*arrays: np.ndarray) -> str:
 
 def in_background(function: Callable, *args) -> Future:
     """function(*args) computed in a thread, while Ray and the actors start: numpy and
-    hashlib let go of the GIL on large arrays."""
+    hashlib let go of the GIL on large arrays. A daemon thread, not a ThreadPoolExecutor's
+    (which the interpreter's exit waits for): a run that fails meanwhile exits at once."""
     result: Future = Future()
 
     def work() -> None:
@@ -349,8 +350,11 @@ def in_background(function: Callable, *args) -> Future:
     return result
 
 
-def shipped_sets(x_train: np.ndarray, x_test: np.ndarray) -> tuple:
-    """The training and test images as they go to the worker actors (shipped_images)."""
+def shipped_sets(
+    x_train: np.ndarray, x_test: np.ndarray
+) -> tuple[ImageCodes | np.ndarray, ImageCodes | np.ndarray]:
+    """The training (N, D) and test (M, D) images as they go to the worker actors: their
+    uint8 codes, or the rows themselves when they are not pixel values (shipped_images)."""
     return shipped_images(x_train), shipped_images(x_test)
 
 
@@ -451,12 +455,10 @@ class Run:
         self.data_dir = str(locate("mnist", data_dir).resolve())
         data = load_mnist(data_dir=self.data_dir)
         (self.x_train, self.t_train), (self.x_test, self.t_test) = data
-        # a new run only records the digest (0.9 s for MNIST's float64 arrays), and the
-        # actors' copies of the images take 0.9 s to make: both made while Ray starts
+        # a new run only records the digest (0.9 s for MNIST's float64 arrays): made while
+        # Ray and the actors start
         self.data_digest = in_background(data_sha256, self.x_train, self.t_train, self.x_test,
                                          self.t_test)  # fmt: skip
-        if not config.local:
-            self.shipped = in_background(shipped_sets, self.x_train, self.x_test)
         if saved is not None and saved.data_sha256 != self.data_digest.result():
             raise ConfigError(f"the run in {self.out} learned from other data than "
                               f"{self.data_dir} holds; give the data it was started with as "
@@ -677,6 +679,7 @@ def make_gradient(run: Run):
     config, net = run.config, run.net
     if config.local:
         return LocalGradient(net.layout, config.engine, config.h, run.x_train, run.t_train), False
+    shipped = in_background(shipped_sets, run.x_train, run.x_test)  # 0.9 s, while Ray starts
     owns_ray = connect(config.address)
     try:
         workers = config.workers or default_workers()
@@ -686,7 +689,7 @@ def make_gradient(run: Run):
             raise ConfigError(f"{option('workers', workers)}: {error}") from None
         if note:
             print(f"distnum: {note}", file=sys.stderr)
-        x_train, x_test = run.shipped.result()
+        x_train, x_test = shipped.result()
         gradient = ShardedGradient(net.layout, config.engine, config.h, x_train, run.t_train,
                                    workers, config.max_worker_restarts,
                                    batch_size=config.batch_size, x_test=x_test,

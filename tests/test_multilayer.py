@@ -141,6 +141,7 @@ def test_gradchecks_kink_bound_leaves_out_what_differs_from_backprop(layer):
     near = near_kinks(net, x, H)
     slices = net.layout.slices
     assert near[slices[f"b{layer}"].start + 2]  # its own bias moves it by h
+    # the unit, or (layer 2) any first-layer unit, here unit 0, that feeds the one at its kink
     assert near[slices["W1"]].reshape(12, 7)[x[0] != 0][:, 2 if layer == 1 else 0].any()
     assert not near[slices["W3"]].any() and not near[slices["b3"]].any()  # the softmax's side
     assert 0 < near.sum() < near.size / 2
@@ -149,6 +150,20 @@ def test_gradchecks_kink_bound_leaves_out_what_differs_from_backprop(layer):
     scale = np.max(np.abs(analytic))
     assert np.max(np.abs(numerical - analytic)[~near]) / scale < 1e-7
     assert np.max(np.abs(numerical - analytic)[near]) / scale > 1e-3  # the kink shows
+
+
+def test_gradchecks_kink_bound_marks_a_unit_at_its_kink_that_some_path_does_not_reach():
+    """A blank image with zero biases puts every unit at its kink; a zero weight leaves a
+    unit above with no path from one below (0 / 0 in the bound): still marked."""
+    net = MultiLayerNet(4, [3, 3], 2, "relu", weight_init_std=0.8, seed=3)
+    x, t = np.array([[0.5, 0.2, 0.0, 0.9], [0.0, 0.0, 0.0, 0.0]]), np.array([0, 1])
+    net.params["b1"][:] = net.params["b2"][:] = 0.0
+    net.params["W2"][1, 0] = 0.0
+    near = near_kinks(net, x, H)
+    assert near[net.layout.slices["b1"]].all() and near[net.layout.slices["b2"]].all()
+    analytic = net.layout.flatten(net.gradient(x, t))
+    numerical = net.layout.flatten(net.numerical_gradient(x, t, engine="fast"))
+    assert np.max(np.abs(numerical - analytic)[net.layout.slices["b1"]]) > 1e-3  # kinks
 
 
 def test_a_sigmoid_net_has_no_kinks():
