@@ -109,7 +109,7 @@ def shard_steps(number: int, layout: ParamLayout, flat: np.ndarray, x: np.ndarra
                         shared.fill(params, x[batch[first:stop]], first, h)
                     barrier.wait(BARRIER_TIMEOUT_S)  # every process's rows filled
                     labels = label_indices(t[batch], layout.output_size)
-                    engine.from_tables(flat, shared.unnudged(batch.size, labels), h)
+                    engine.from_tables(flat, shared, labels, h)
                     times.append((started, time.perf_counter(), time.thread_time() - cpu))
             del shared  # its arrays view the set's shared memory
             measured.append(times)

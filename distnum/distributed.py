@@ -218,15 +218,14 @@ class GradientWorker:
     def slice_from_tables(self, flat: np.ndarray, batch: np.ndarray) -> np.ndarray:
         """The shard's slice from the shared tables, every row filled."""
         labels = label_indices(self.t_train[batch], self.layout.output_size)
-        return self.engine.from_tables(flat, self.tables.unnudged(batch.size, labels), self.h)
+        return self.engine.from_tables(flat, self.tables, labels, self.h)
 
     def serve(self, address: str, path: str, max_batch: int, actors: int, table_rows: int,
-              worker: int, place: slice) -> None:  # fmt: skip
+              table_bytes: int, worker: int, place: slice) -> None:  # fmt: skip
         """Steps from its node's NodeChannel (the driver's, or a relay's), until it closes
         the connection; its slice goes to place among the slices of all shards. The node's
-        actors (actors of them) share the tables of batches of up to table_rows samples,
-        if table_rows."""
-        table_bytes = StepTables.nbytes(self.layout, table_rows) if table_rows else 0
+        actors (actors of them) share the tables of batches of up to table_rows samples
+        (table_bytes, StepTables.nbytes), if table_rows."""
         node_channel.serve(address, path, self.layout.size, max_batch, actors, table_rows,
                            table_bytes, worker, place, self)  # fmt: skip
 
@@ -442,7 +441,8 @@ class StepLinks:
         for path, address, workers in meetings:
             for k in workers:
                 self.serving.append(actors.handles[k].serve.remote(
-                    address, path, max_batch, len(workers), table_rows, k, self.places[k]
+                    address, path, max_batch, len(workers), table_rows, table_bytes, k,
+                    self.places[k]
                 ))  # fmt: skip
         self.serving += [relay.serve.remote() for relay in self.relays]
         # an actor's (or a relay's) serve() ends early only when it cannot serve, or died

@@ -250,8 +250,7 @@ class NodeChannel:
         self.shared.batch[: batch.size] = batch
         self.shared.loss_batch[: loss_batch.size] = loss_batch
         actors = [1] * len(self.connections) + [host.actors for host in self.hosts]
-        bounds = np.rint(np.cumsum([0, *actors]) * (loss_batch.size / sum(actors)))
-        spans = list(itertools.pairwise(bounds.astype(np.int64)))
+        spans = row_spans(actors, loss_batch.size)
         local_spans, host_spans = spans[: len(self.connections)], spans[len(self.connections) :]
         self.steps += 1
         sharing = len(self.connections) if 0 < batch.size <= self.table_rows else 0
@@ -481,6 +480,8 @@ def serve(address: str, path: str, size: int, max_batch: int, actors: int, table
     try:
         connection.connect(address)
         connection.sendall(HELLO.pack(worker))
+        driver = select.poll()  # not select(): it fails on descriptors past 1023
+        driver.register(connection, select.POLLIN)
         while True:
             wanted, batch_size, kind, first, stop, step, among, sharing = GO.unpack(
                 receive(connection, GO.size))  # fmt: skip
@@ -494,7 +495,7 @@ def serve(address: str, path: str, size: int, max_batch: int, actors: int, table
                     batch = shared.batch[:batch_size].copy()
                     if sharing:
                         fill_shared_rows(work, params, batch, shared.done_rows[:sharing],
-                                         step, among, connection)  # fmt: skip
+                                         step, among, driver)  # fmt: skip
                         grad = work.slice_from_tables(params, batch)
                         seconds = time.perf_counter() - started
                     else:
@@ -518,17 +519,22 @@ def serve(address: str, path: str, size: int, max_batch: int, actors: int, table
         shared.close()
 
 
+def row_spans(weights: Sequence[int], rows: int) -> list[tuple[int, int]]:
+    """The first and stop row of each share of rows, the shares in proportion to weights."""
+    bounds = np.rint(np.cumsum([0, *weights]) * (rows / sum(weights))).astype(np.int64)
+    return [(int(first), int(stop)) for first, stop in itertools.pairwise(bounds)]
+
+
 def row_span(place: int, parts: int, rows: int) -> tuple[int, int]:
     """The first and stop row of the place-th of parts equal shares of rows."""
-    first, stop = np.rint(np.array([place, place + 1]) * (rows / parts)).astype(np.int64)
-    return int(first), int(stop)
+    return row_spans([1] * parts, rows)[place]
 
 
 def fill_shared_rows(work, params: np.ndarray, batch: np.ndarray, done_rows: np.ndarray,
-                     step: int, among: int, connection: socket.socket) -> None:  # fmt: skip
+                     step: int, among: int, driver: select.poll) -> None:  # fmt: skip
     """This actor's rows of the step's tables (the among-th share of done_rows.size), then
     a wait until every actor sharing them has done its own. StepGivenUp when the driver
-    closes the connection meanwhile (an actor of the node died, say)."""
+    closes the connection meanwhile (an actor of the node died, say): driver polls it."""
     first, stop = row_span(among, done_rows.size, batch.size)
     try:
         if stop > first:
@@ -537,14 +543,12 @@ def fill_shared_rows(work, params: np.ndarray, batch: np.ndarray, done_rows: np.
         done_rows[among] = -step
         raise
     done_rows[among] = step  # x86-64 stores are seen in order: the rows before the mark
-    poller = select.poll()
-    poller.register(connection, select.POLLIN)
     spin_until = time.perf_counter() + SPIN_S
     while not np.all(done_rows == step):
         if np.any(done_rows == -step):
             raise RuntimeError("another worker actor of this node failed on its rows of the "
                                "step's tables")  # fmt: skip
-        if poller.poll(0):  # the driver sends nothing during a step: it closed the connection
+        if driver.poll(0):  # the driver sends nothing during a step: it closed the connection
             raise StepGivenUp
         if time.perf_counter() < spin_until:
             os.sched_yield()

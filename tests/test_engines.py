@@ -93,10 +93,10 @@ def test_tables_filled_in_shares_of_rows_give_the_same_bits(mnist_batch, kind, s
         first, stop = row_span(k, shares, x.shape[0])
         if stop > first:
             StepTables(layout, x.shape[0], buffer).fill(params, x[first:stop], first, H)
-    base = StepTables(layout, x.shape[0], buffer).unnudged(x.shape[0], label_indices(t, 10))
+    tables, labels = StepTables(layout, x.shape[0], buffer), label_indices(t, 10)
     gathered = np.full(layout.size, np.nan)
     for shard in np.array_split(all_indices(net), shares):
-        gathered[shard] = FastEngine(layout, shard).from_tables(net.flat_params, base, H)
+        gathered[shard] = FastEngine(layout, shard).from_tables(net.flat_params, tables, labels, H)
     assert np.array_equal(gathered, whole)
 
 

@@ -90,6 +90,10 @@ class FastEngine(ShardEngine):
         self.weight_slot = np.flatnonzero(weights[indices])
         self.weight_index = indices[self.weight_slot]
         self.tables: StepTables | None = None  # this process's, for calls with a batch
+        # the hidden layers whose sample values the kernels read
+        self.nudged_layers = {requests.layer for requests in self.hidden}
+        if self.last_hidden is not None:
+            self.nudged_layers.add(layout.depth - 1)
 
     def work(self, flat: np.ndarray, x: np.ndarray) -> dict[str, int]:
         """What one call at the parameters flat on the batch x (B, I) evaluates at most (a
@@ -125,12 +129,15 @@ class FastEngine(ShardEngine):
         if self.tables is None or self.tables.capacity < x.shape[0]:  # kept: 1-2 MB each time
             self.tables = StepTables(self.layout, x.shape[0])
         self.tables.fill(params, x, 0, h)
-        return self.from_tables(flat, self.tables.unnudged(x.shape[0], labels), h)
+        return self.from_tables(flat, self.tables, labels, h)
 
-    def from_tables(self, flat: np.ndarray, base: Unnudged, h: float) -> np.ndarray:
-        """g as __call__ gives it, from the batch's tables at flat (unnudged.py), checked."""
+    def from_tables(self, flat: np.ndarray, tables: StepTables, labels: np.ndarray,
+                    h: float) -> np.ndarray:  # fmt: skip
+        """g as __call__ gives it, from the tables at flat of the batch whose class indices
+        are labels (B,), their first B rows filled (unnudged.py), checked."""
         layout = self.layout
         params = layout.views(checked_params(flat))
+        base = tables.unnudged(labels, self.nudged_layers)
         sums = np.zeros(self.size)
         if self.hidden:
             self.lower_layers(params, base, h, sums)

@@ -39,17 +39,17 @@ class Unnudged(NamedTuple):
     """The tables of a batch of B: hidden[l - 1] (B, n_l) = z_l, pre[l - 1] (B, n_l) = a_l,
     rest as hidden (or None, for ReLU), probabilities (B, K), moments (B, DEGREE, n_L),
     entries[l - 1] and peaks[l - 1] the sample values of layer l's input and its largest
-    |value| (for l = 1..L), value_changes (2, V) for the sample values of entries[L - 1],
-    labels (B,)."""
+    |value| (for l = 1..L; None where not asked for), value_changes (2, V) for the sample
+    values of entries[L - 1] (or None), labels (B,)."""
 
     hidden: list[np.ndarray]
     pre: list[np.ndarray]
     rest: list[np.ndarray] | None
     probabilities: np.ndarray
     moments: np.ndarray
-    entries: list[InputEntries]
-    peaks: list[float]
-    value_changes: np.ndarray
+    entries: list[InputEntries | None]
+    peaks: list[float | None]
+    value_changes: np.ndarray | None
     labels: np.ndarray
 
 
@@ -113,18 +113,24 @@ class StepTables:
         self.probabilities[rows] = probabilities = _softmax(pre[-1])
         fill_moments(probabilities, params[f"W{depth}"], self.moments[rows])
 
-    def unnudged(self, batch_size: int, labels: np.ndarray) -> Unnudged:
-        """The first batch_size rows, filled, as the tables of that batch, labels (B,)."""
-        depth, rows = self.layout.depth, slice(0, batch_size)
+    def unnudged(self, labels: np.ndarray, nudged: set[int]) -> Unnudged:
+        """The first B rows, filled, as the tables of that batch, labels (B,). The sample
+        values (entries, peaks, value_changes) only of the hidden layers in nudged (1..L),
+        those whose nudges a shard evaluates: None for the others (no work for tables a
+        shard does not read)."""
+        depth, rows = self.layout.depth, slice(0, labels.size)
         hidden = [z[rows] for z in self.hidden]
         rest = [r[rows] for r in self.rest] if self.layout.activation == "sigmoid" else None
-        entries = [gathered(table, batch_size) for table in self.entries]
-        peaks = [float(np.max(table.largest[rows], initial=0.0)) for table in self.entries]
-        counts = self.entries[depth - 2].value_count
-        changes = np.stack([by_value(side, counts, batch_size) for side in self.changes])
-        return Unnudged(hidden, [a[rows] for a in self.pre[:depth]], rest,
-                        self.probabilities[rows], self.moments[rows], entries, peaks, changes,
-                        labels)  # fmt: skip
+        entries = [gathered(table, labels.size) if l in nudged else None
+                   for l, table in enumerate(self.entries, start=1)]  # fmt: skip
+        peaks = [float(np.max(table.largest[rows], initial=0.0)) if l in nudged else None
+                 for l, table in enumerate(self.entries, start=1)]  # fmt: skip
+        changes = None
+        if depth - 1 in nudged:  # the last hidden layer's kernel reads them
+            counts = self.entries[depth - 2].value_count
+            changes = np.stack([by_value(side, counts, labels.size) for side in self.changes])
+        return Unnudged(hidden, [a[rows] for a in self.pre], rest, self.probabilities[rows],
+                        self.moments[rows], entries, peaks, changes, labels)  # fmt: skip
 
 
 def aligned(nbytes: int) -> int:
